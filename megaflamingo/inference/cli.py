@@ -1,0 +1,14 @@
+"""`megaflamingo-infer`: placeholder until its issue lands (answers --help, then says it is not available)."""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megaflamingo-infer", description="Run inference.")
+    parser.parse_args(argv)
+    print("megaflamingo-infer: not yet available in this version", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""megaflamingo: DeepSpeed training system for Audio Flamingo-style audio-language models.
+
+torch is deliberately unpinned here so GPU clusters keep their CUDA build; CPU machines install
+with `-c constraints/cpu.txt` (see scripts/bootstrap.sh), which pins the CPU wheel.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megaflamingo",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-3 training system for Audio Flamingo-style audio-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaflamingo", "megaflamingo.*", "preprocess", "tools"]),
+    include_package_data=True,
+    package_data={"megaflamingo": ["resources/*", "resources/**/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "deepspeed>=0.14",
+        "numpy>=2.0",
+        "pyarrow>=15",
+        "pyyaml>=6",
+        "soundfile>=0.12",
+        "soxr>=0.3.7",
+        "faiss-cpu>=1.8",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # The real audio encoders. laion-clap and msclap pin numpy<2 and pull torchvision/torchaudio,
+        # so on CPU machines bootstrap.sh installs them with --no-deps plus what they really need.
+        "encoders": [
+            "laion-clap>=1.1.4",
+            "msclap>=1.3.3",
+            "torchlibrosa>=0.1.0",
+            "librosa>=0.10",
+            "h5py",
+            "ftfy",
+            "braceexpand",
+            "webdataset",
+            "wget",
+        ],
+        # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): see README.
+        "gpu": ["flash-attn>=2.5"],
+        "mpi": ["mpi4py>=3.1"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "mpi4py>=3.1",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "megaflamingo-preprocess=preprocess.cli:main",
+            "megaflamingo-train=megaflamingo.engine.cli:main",
+            "megaflamingo-convert=tools.convert:main",
+            "megaflamingo-infer=megaflamingo.inference.cli:main",
+        ]
+    },
+)

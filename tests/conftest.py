@@ -1,0 +1,28 @@
+"""Suite-wide fixtures: every test runs with the hub guard on and a private HOME-like cache."""
+import os
+
+import pytest
+
+from megaflamingo.testing import no_hub
+
+no_hub()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from megaflamingo.testing import tiny_tokenizer
+
+    return tiny_tokenizer("opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_token_ids(tiny_tok):
+    from megaflamingo.testing import token_ids
+
+    return token_ids(tiny_tok)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # Two cores shared by many processes: keep torch from oversubscribing in each test.
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
