@@ -31,6 +31,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "psutil>=5.9",
+        "accelerate>=1.1",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 partitioned LM loading)
     ],
     extras_require={
         # The real audio encoders. laion-clap and msclap pin numpy<2 and pull torchvision/torchaudio,
@@ -53,6 +54,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            "librosa>=0.10",  # tests/bench compare our front end with AF1's librosa loader
             "mpi4py>=3.1",
         ],
     },

@@ -1,1 +1,1 @@
-"""preprocess."""
+"""Offline preprocessing: `megaflamingo-preprocess` (see preprocess/cli.py)."""

@@ -1,0 +1,340 @@
+"""`megaflamingo-preprocess embed`: manifest -> Arrow shards of window embeddings.
+
+Work is cut into fixed chunks of `rows_per_shard` manifest items; chunk c becomes
+`shard-{c:05d}.arrow`. `--shard I/N` processes the chunks with c % N == I, so the files do not
+depend on N, on the number of decoding workers, or on which process wrote them. Each chunk is
+written atomically (temp + rename; its sidecar JSON last), so a killed run resumes by skipping
+finished chunks, and a rerun produces the same bytes. `metadata.json` is written (the merge) once
+every chunk exists: by the last `embed` process to finish, or by `megaflamingo-preprocess merge`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megaflamingo.audio.frontend import FrontendConfig, Prepared, init_worker, prepare_star, window_view
+from megaflamingo.data import arrow_format as af
+from megaflamingo.data.manifests import Manifest, read_manifest
+
+RUN_FILE = "_run.json"
+
+
+class EmbedError(RuntimeError):
+    pass
+
+
+@dataclass
+class EmbedOptions:
+    manifest: str
+    data_root: str
+    out: str
+    encoder: str = "tiny"
+    checkpoint: str | None = None
+    random_init: bool = False
+    embed_dim: int | None = None          # tiny only
+    seed: int = 0                         # tiny weights
+    fusion: bool = True                   # laion-clap
+    clip_encoder: str = "auto"            # auto | none | mean | laion-clap
+    clip_checkpoint: str | None = None
+    batch_size: int = 32                  # windows per encoder forward
+    workers: int = 2
+    shard: tuple[int, int] = (0, 1)
+    device: str = "cpu"
+    dtype: str = "float16"
+    rows_per_shard: int = 1024
+    min_file_bytes: int = 16000
+    max_bad_fraction: float = 0.05
+    dataset: str | None = None
+    task: str | None = None
+    split: str | None = None
+    window_s: float = 7.0
+    overlap_s: float = 5.25
+    max_windows: int = 16
+    progress: bool = True
+
+
+def parse_shard(spec: str | None, env: dict | None = None) -> tuple[int, int]:
+    """'I/N' -> (I, N); without it: Slurm array task, then torch.distributed RANK/WORLD_SIZE."""
+    env = os.environ if env is None else env
+    if spec:
+        try:
+            i, n = (int(p) for p in spec.split("/"))
+        except ValueError:
+            raise EmbedError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        n = int(env.get("SLURM_ARRAY_TASK_COUNT", 0)) or (
+            int(env["SLURM_ARRAY_TASK_MAX"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)) + 1)
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+    else:
+        i, n = 0, 1
+    if not 0 <= i < n:
+        raise EmbedError(f"shard index {i} is not in [0, {n})")
+    return i, n
+
+
+def _resolve_meta_names(m: Manifest, o: EmbedOptions) -> tuple[str, str, str]:
+    dataset, task, split = o.dataset or m.dataset, o.task or m.task, o.split or m.split
+    missing = [k for k, v in (("dataset", dataset), ("task", task), ("split", split)) if not v]
+    if missing:
+        raise EmbedError(f"{m.source}: does not say its {', '.join(missing)}; pass "
+                         + " ".join(f"--{k} NAME" for k in missing))
+    return dataset, task, split
+
+
+def _run_fingerprint(o: EmbedOptions, m: Manifest, names, enc_desc, clip_desc) -> dict:
+    return {
+        "manifest_sha256": m.sha256, "num_items": len(m.items),
+        "dataset": names[0], "task": names[1], "split": names[2],
+        "encoder": enc_desc, "clip_encoder": clip_desc, "dtype": o.dtype,
+        "windows": {"window_s": o.window_s, "overlap_s": o.overlap_s, "max_windows": o.max_windows},
+        "rows_per_shard": o.rows_per_shard, "min_file_bytes": o.min_file_bytes,
+    }
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_run_file(out: Path, fp: dict) -> None:
+    path = out / RUN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        a, b = _flatten(old), _flatten(fp)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: existing {json.dumps(a.get(k))} vs requested "
+                               f"{json.dumps(b.get(k))}" for k in diff[:8])
+            raise EmbedError(f"{out} holds a run with different settings ({detail}). Resume with "
+                             f"the same settings, or use a new --out")
+    else:
+        af.atomic_write_json(path, fp)
+
+
+def _decode_iter(jobs, workers: int):
+    """Prepared items in job order. With workers, at most 4 per worker are in flight, so a slow
+    encoder does not let decoded audio pile up in memory."""
+    if workers <= 0:
+        yield from map(prepare_star, jobs)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=init_worker) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(prepare_star, (job,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def run_embed(o: EmbedOptions, log=print) -> dict:
+    from megaflamingo.audio.encoders import build_encoder
+
+    t0 = time.time()
+    out = Path(o.out)
+    m = read_manifest(o.manifest, o.data_root)
+    names = _resolve_meta_names(m, o)
+    if o.dtype not in ("float16", "float32"):
+        raise EmbedError(f"--dtype must be float16 or float32, got {o.dtype!r}")
+    if o.rows_per_shard < 1 or o.batch_size < 1:
+        raise EmbedError("--rows-per-shard and --batch-size must be >= 1")
+    enc = build_encoder(o.encoder, o.checkpoint, o.random_init, o.device, o.embed_dim, o.seed,
+                        o.fusion, window_s=o.window_s)
+    clip_mode = o.clip_encoder
+    if clip_mode == "auto":
+        clip_mode = "laion-clap" if o.encoder == "laion-clap" else ("mean" if o.encoder == "tiny" else "none")
+    clip_enc = None
+    if clip_mode == "laion-clap":
+        # AF1's kNN embedding: LAION-CLAP on the first 10 s (not on the windows)
+        ckpt = o.clip_checkpoint or (o.checkpoint if o.encoder == "laion-clap" else None)
+        clip_enc = build_encoder("laion-clap", ckpt, o.random_init and ckpt is None, o.device, None,
+                                 o.seed, o.fusion, window_s=10.0)
+        clip_desc = dict(clip_enc.describe(), config=dict(clip_enc.describe()["config"], pooling="clip"))
+        clip_dim = clip_enc.embed_dim
+    elif clip_mode == "mean":
+        d = enc.describe()
+        clip_desc = dict(d, config=dict(d["config"], pooling="mean_of_windows"))
+        clip_dim = enc.embed_dim
+    elif clip_mode == "none":
+        clip_desc, clip_dim = None, None
+    else:
+        raise EmbedError(f"--clip-encoder must be auto, none, mean or laion-clap, got {clip_mode!r}")
+
+    fcfg = FrontendConfig(os.path.abspath(o.data_root), enc.sample_rate, o.window_s, o.overlap_s,
+                          o.max_windows, o.min_file_bytes,
+                          clip_enc.sample_rate if clip_enc is not None else None,
+                          clip_enc.info.window_s if clip_enc is not None else 10.0)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = _run_fingerprint(o, m, names, enc.describe(), clip_desc)
+    _check_run_file(out, fp)
+
+    schema = af.arrow_schema(enc.embed_dim, o.dtype, clip_dim)
+    writer = af.DatasetWriter(out, schema)
+    n_chunks = max(1, math.ceil(len(m.items) / o.rows_per_shard))
+    shard_i, shard_n = o.shard
+    mine = [c for c in range(n_chunks) if c % shard_n == shard_i]
+    for c in mine:  # temp files of a killed run of these chunks
+        for tmp in out.glob(f".{af.SHARD_PATTERN.format(c)}*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for tmp in out.glob(f".{af.SHARD_PATTERN.format(c)[:-6]}.json*.tmp"):
+            tmp.unlink(missing_ok=True)
+    todo = [c for c in mine if not writer.has_shard(c)]
+    silence = enc.silence_embedding()
+    n_todo_items = sum(len(m.items[c * o.rows_per_shard:(c + 1) * o.rows_per_shard]) for c in todo)
+    log(f"[embed] {names[0]}-{names[1]}/{names[2]}: {len(m.items)} items, {n_chunks} chunks; "
+        f"shard {shard_i}/{shard_n}: {len(mine)} chunks, {len(mine) - len(todo)} already done")
+
+    bar = None
+    if o.progress and n_todo_items:
+        from tqdm import tqdm
+        bar = tqdm(total=n_todo_items, unit="file", file=sys.stderr, dynamic_ncols=True)
+    stats = Counter()
+    hours = 0.0
+    jobs = [(it.index, it.path, it.start, fcfg)
+            for c in todo for it in m.items[c * o.rows_per_shard:(c + 1) * o.rows_per_shard]]
+    results = _decode_iter(jobs, o.workers)
+    try:
+        for c in todo:
+            items = m.items[c * o.rows_per_shard:(c + 1) * o.rows_per_shard]
+            prepared: list[Prepared] = []
+            chunk_enc = _ChunkEncoder(enc, clip_enc, clip_mode, fcfg, o.batch_size)
+            for _ in items:
+                p = next(results)
+                if p.ok:
+                    chunk_enc.add(p)
+                    p.audio = p.clip_audio = None  # encoded: drop the audio now
+                prepared.append(p)
+                stats["ok" if p.ok else p.reason] += 1
+                hours += p.duration / 3600
+                if not p.ok and stats[p.reason] <= 3:
+                    log(f"[embed] skipped {m.items[p.index].path!r}: {p.reason} {p.detail}")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(audio_h=f"{hours:.2f}",
+                                    h_per_s=f"{hours / max(time.time() - t0, 1e-9):.4f}",
+                                    bad=sum(v for k, v in stats.items() if k != "ok"), refresh=False)
+            per_row, clips = chunk_enc.finish()
+            _write_chunk(c, items, prepared, per_row, clips, writer, names, o, silence)
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+        if bar is not None:
+            bar.close()
+
+    summary = {"processed_items": sum(stats.values()), "rows_written": stats["ok"],
+               "bad_by_reason": {k: v for k, v in sorted(stats.items()) if k != "ok"},
+               "job_audio_hours": round(hours, 6), "seconds": round(time.time() - t0, 2),
+               "merged": False}
+    done = writer.completed_shards()
+    if all(c in done for c in range(n_chunks)):
+        meta = finalize(out)
+        summary.update(merged=True, num_rows=meta["num_rows"], audio_hours=meta["audio_hours"],
+                       dataset_bad_files=len(meta["bad_files"]))
+    return summary
+
+
+class _ChunkEncoder:
+    """Encodes one chunk's windows as decoded items stream in, so memory holds at most one batch
+    of audio (plus the decode look-ahead), never a whole chunk. Batches are cut from the chunk's
+    window sequence in manifest order every `batch_size` windows, exactly as if the chunk's
+    windows were concatenated first: the output does not depend on decode timing."""
+
+    def __init__(self, enc, clip_enc, clip_mode: str, fcfg: FrontendConfig, batch_size: int):
+        self.enc, self.clip_enc, self.clip_mode, self.fcfg = enc, clip_enc, clip_mode, fcfg
+        self.bs, self.clip_bs = batch_size, max(1, batch_size // 4)
+        self.win_queue: list = []    # (row, window view)
+        self.clip_queue: list = []   # (row, clip audio)
+        self.windows: list[list] = []  # per row: embedding rows, in order
+        self.clips: list = []
+
+    def add(self, p: Prepared) -> None:
+        row = len(self.windows)
+        self.windows.append([])
+        self.clips.append(None)
+        self.win_queue.extend((row, w) for w in window_view(p.audio, p.num_windows, self.fcfg))
+        if self.clip_mode == "laion-clap":
+            self.clip_queue.append((row, p.clip_audio))
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        while len(self.win_queue) >= self.bs or (final and self.win_queue):
+            batch, self.win_queue = self.win_queue[:self.bs], self.win_queue[self.bs:]
+            for (row, _), e in zip(batch, self.enc.encode(np.stack([w for _, w in batch]))):
+                self.windows[row].append(e)
+        while len(self.clip_queue) >= self.clip_bs or (final and self.clip_queue):
+            batch, self.clip_queue = self.clip_queue[:self.clip_bs], self.clip_queue[self.clip_bs:]
+            for (row, _), e in zip(batch, self.clip_enc.encode(np.stack([a for _, a in batch]))):
+                self.clips[row] = e
+
+    def finish(self) -> tuple[list[np.ndarray], list]:
+        self._flush(final=True)
+        per_row = [np.stack(w) for w in self.windows]
+        if self.clip_mode == "mean":
+            self.clips = [e.mean(0) for e in per_row]
+        return per_row, self.clips
+
+
+def _write_chunk(c, items, prepared, per_row, clips, writer, names, o, silence):
+    ok = [(it, p) for it, p in zip(items, prepared) if p.ok]
+    rows = []
+    dataset, task, split = names
+    for (it, p), e, cl in zip(ok, per_row, clips):
+        rows.append({
+            "id": it.id or f"{dataset}-{task}/{split}/{it.index}", "index": it.index,
+            "path": it.path, "start": float(it.start), "duration": float(p.duration),
+            "num_windows": int(p.num_windows), "windows": e, "clip_embedding": cl,
+            "prompt": it.prompt, "output": it.output, "dialogue": it.dialogue,
+            "task": f"{dataset}-{task}", "dataset": dataset,
+        })
+    bad = [{"index": it.index, "path": it.path, "reason": p.reason, "detail": p.detail}
+           for it, p in zip(items, prepared) if not p.ok]
+    extra = {"chunk": c, "first_index": items[0].index if items else c * o.rows_per_shard,
+             "num_items": len(items), "bad_files": bad,
+             "audio_hours": float(sum(p.duration for _, p in ok) / 3600.0),
+             "silence_embedding": [float(x) for x in silence]}
+    writer.write_shard(c, rows, extra)
+
+
+def finalize(out: str | os.PathLike) -> dict:
+    """The merge: check every chunk is finished and write metadata.json."""
+    out = Path(out)
+    run_path = out / RUN_FILE
+    if not run_path.is_file():
+        raise EmbedError(f"{out}: no {RUN_FILE}; not an embed output directory")
+    fp = json.loads(run_path.read_text(encoding="utf-8"))
+    n_chunks = max(1, math.ceil(fp["num_items"] / fp["rows_per_shard"]))
+    writer = af.DatasetWriter(out, af.arrow_schema(fp["encoder"]["embed_dim"], fp["dtype"],
+                                                   None if fp["clip_encoder"] is None
+                                                   else fp["clip_encoder"]["embed_dim"]))
+    missing = [c for c in range(n_chunks) if not writer.has_shard(c)]
+    if missing:
+        raise EmbedError(f"{out}: {len(missing)} of {n_chunks} chunks are not finished "
+                         f"(e.g. {missing[:10]}); run the remaining `embed --shard` jobs first")
+    first = writer.read_sidecar(0)
+    return writer.finalize(
+        range(n_chunks), dataset=fp["dataset"], task=fp["task"], split=fp["split"],
+        encoder=fp["encoder"], window_s=fp["windows"]["window_s"],
+        overlap_s=fp["windows"]["overlap_s"], max_windows=fp["windows"]["max_windows"],
+        dtype=fp["dtype"], silence_embedding=first["silence_embedding"],
+        clip_encoder=fp["clip_encoder"],
+        clip_embed_dim=None if fp["clip_encoder"] is None else fp["clip_encoder"]["embed_dim"],
+        manifest_sha256=fp["manifest_sha256"], num_manifest_items=fp["num_items"],
+        rows_per_shard=fp["rows_per_shard"], min_file_bytes=fp["min_file_bytes"])
