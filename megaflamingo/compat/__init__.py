@@ -1,0 +1,1 @@
+"""Compatibility with the original Audio Flamingo 1 (configs and checkpoints)."""

@@ -1,0 +1,195 @@
+"""AudioFlamingo: audio transformer + an HF causal LM with injected gated cross-attention blocks.
+
+The model consumes *precomputed* window embeddings ``audio_embeds [B, L, D]`` (L = max_num_fewshot *
+windows_per_audio slots; audio k owns slots [W*k, W*k + W)) and a window-validity mask ``audio_mask [B, L]``.
+Submodule names follow AF1 (``audio_transformer``, ``lang_encoder``) so its checkpoints map directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .audio_transformer import AudioTransformer
+from .injection import MEDIA_KWARG, FlamingoDecoderLayer, flamingo_layers, inject_xattn
+from .xattn import MediaContext, media_visibility
+
+
+class AudioFlamingo(nn.Module):
+    def __init__(
+        self,
+        lang_encoder: nn.Module,
+        token_ids: dict,
+        audio_embed_dim: int = 1024,
+        windows_per_audio: int = 16,
+        max_num_fewshot: int = 8,
+        audio_n_head: int = 8,
+        audio_n_layers: int = 3,
+        audio_d_inner: int = 2048,
+        audio_n_position: int = 128,
+        audio_attn_dropout: float = 0.1,
+        xattn_every_n_layers: int = 1,
+        xattn_heads: int = 8,
+        xattn_dim_head: int = 64,
+        xattn_ff_mult: int = 4,
+        decoder_layers_path: Optional[str] = None,
+        check_inputs: bool = True,
+    ):
+        super().__init__()
+        missing = {"media", "eoc"} - set(token_ids)
+        if missing:
+            raise ValueError(f"token_ids is missing {sorted(missing)}")
+        self.token_ids = dict(token_ids)
+        self.media_token_id = int(token_ids["media"])
+        self.eoc_token_id = int(token_ids["eoc"])
+        self.audio_embed_dim = audio_embed_dim
+        self.windows_per_audio = windows_per_audio
+        self.max_num_fewshot = max_num_fewshot
+        self.check_inputs = check_inputs
+        if audio_n_position < windows_per_audio * max_num_fewshot:
+            raise ValueError(
+                f"audio_transformer.max_num_media={audio_n_position} < max_num_window*max_num_fewshot="
+                f"{windows_per_audio * max_num_fewshot}"
+            )
+        self.audio_transformer = AudioTransformer(
+            audio_embed_dim, audio_n_head, audio_n_layers, audio_d_inner, audio_n_position, audio_attn_dropout
+        )
+        self.lang_encoder = lang_encoder
+        self.decoder_layers_path = inject_xattn(
+            lang_encoder, audio_embed_dim, xattn_every_n_layers, xattn_heads, xattn_dim_head, xattn_ff_mult,
+            decoder_layers_path,
+        )
+        self.xattn_every_n_layers = xattn_every_n_layers
+        self._ckpt_audio = False
+        ref = next(lang_encoder.parameters())
+        if ref.device.type != "meta":
+            self.audio_transformer.to(device=ref.device)
+
+    # ------------------------------------------------------------------ structure helpers
+    @property
+    def flamingo_layers(self) -> list[FlamingoDecoderLayer]:
+        return flamingo_layers(self.lang_encoder, self.decoder_layers_path)
+
+    @property
+    def num_audio_slots(self) -> int:
+        return self.windows_per_audio * self.max_num_fewshot
+
+    def xattn_blocks(self) -> list[nn.Module]:
+        return [l.gated_cross_attn_layer for l in self.flamingo_layers if l.gated_cross_attn_layer is not None]
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint each (xattn + decoder layer) pair and the audio transformer.
+
+        Non-reentrant checkpointing: the MediaContext rides in kwargs and its tensors get gradients.
+        (``lang_encoder.gradient_checkpointing_enable()`` also works but recomputes the inner layers twice.)"""
+        for layer in self.flamingo_layers:
+            layer.gradient_checkpointing = True  # the layer always checkpoints non-reentrantly
+            if hasattr(layer.decoder_layer, "gradient_checkpointing"):
+                layer.decoder_layer.gradient_checkpointing = False
+        self._ckpt_audio = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self.flamingo_layers:
+            layer.gradient_checkpointing = False
+            if hasattr(layer.decoder_layer, "gradient_checkpointing"):
+                layer.decoder_layer.gradient_checkpointing = False
+        self._ckpt_audio = False
+
+    # ------------------------------------------------------------------ inputs
+    def _param_dtype(self) -> torch.dtype:
+        return self.audio_transformer.layer_norm.weight.dtype
+
+    def validate_inputs(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor,
+                        audio_mask: Optional[torch.Tensor], media_count: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
+        """Shape/content checks with errors that name the field and the batch row. Returns bool audio_mask."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B = input_ids.shape[0]
+        if audio_embeds is None:
+            raise ValueError("audio_embeds is required ([B, L, D] precomputed window embeddings)")
+        if audio_embeds.ndim != 3:
+            raise ValueError(f"audio_embeds must be [B, L, D], got shape {tuple(audio_embeds.shape)}")
+        Ba, L, D = audio_embeds.shape
+        if Ba != B:
+            raise ValueError(f"audio_embeds batch {Ba} != input_ids batch {B}")
+        if D != self.audio_embed_dim:
+            raise ValueError(f"audio_embeds last dim {D} != model audio_embed_dim {self.audio_embed_dim}")
+        if L % self.windows_per_audio:
+            raise ValueError(
+                f"audio_embeds has L={L} window slots, not a multiple of windows per audio "
+                f"(max_num_window={self.windows_per_audio})"
+            )
+        if L > self.audio_transformer.n_position:
+            raise ValueError(f"audio_embeds has L={L} slots > audio transformer positions "
+                             f"{self.audio_transformer.n_position}")
+        if audio_mask is None:
+            audio_mask = torch.ones(B, L, dtype=torch.bool, device=audio_embeds.device)
+        if audio_mask.ndim != 2 or audio_mask.shape[1] != L or audio_mask.shape[0] not in (1, B):
+            raise ValueError(f"audio_mask must be [B, L]=[{B}, {L}], got {tuple(audio_mask.shape)}")
+        audio_mask = audio_mask.bool().expand(B, L)
+        if self.check_inputs:
+            bad = ~torch.isfinite(audio_embeds).flatten(1).all(dim=1)
+            if bad.any():
+                raise ValueError(f"audio_embeds contain NaN/inf in batch row(s) {bad.nonzero().flatten().tolist()}")
+            if media_count is not None:
+                n = media_count[:, -1]
+                none = n == 0
+                if none.any():
+                    raise ValueError(
+                        f"batch row(s) {none.nonzero().flatten().tolist()} contain no <audio> token "
+                        f"(id {self.media_token_id}); every sample needs at least one audio"
+                    )
+                over = n > L // self.windows_per_audio
+                if over.any():
+                    rows = over.nonzero().flatten().tolist()
+                    raise ValueError(
+                        f"batch row(s) {rows} have {n[over].tolist()} <audio> tokens but audio_embeds holds only "
+                        f"{L // self.windows_per_audio} audios (L={L}, {self.windows_per_audio} windows each)"
+                    )
+        return audio_mask
+
+    def encode_audio(self, audio_embeds: torch.Tensor) -> torch.Tensor:
+        x = audio_embeds.to(self._param_dtype())
+        if self._ckpt_audio and self.training and torch.is_grad_enabled():
+            return checkpoint(self.audio_transformer, x, use_reentrant=False)
+        return self.audio_transformer(x)
+
+    def media_context(self, input_ids: torch.Tensor, media: torch.Tensor, audio_mask: torch.Tensor,
+                      count_before: Optional[torch.Tensor] = None, kv_memo: Optional[dict] = None) -> MediaContext:
+        """Build the per-call context. ``count_before`` [B]: <audio> tokens already in the KV cache."""
+        count = torch.cumsum((input_ids == self.media_token_id).long(), dim=1)
+        if count_before is not None:
+            count = count + count_before[:, None]
+        mask, has_any = media_visibility(count, audio_mask, self.windows_per_audio)
+        return MediaContext(media=media, mask=mask, has_any=has_any, kv_memo=kv_memo)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        audio_embeds: Optional[torch.Tensor] = None,
+        audio_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **lm_kwargs,
+    ):
+        """HF-style output (``.logits``, ``.loss``). Extra kwargs (position_ids, past_key_values, use_cache,
+        logits_to_keep ...) go to the LM."""
+        count = torch.cumsum((input_ids == self.media_token_id).long(), dim=1)
+        audio_mask = self.validate_inputs(input_ids, audio_embeds, audio_mask, count)
+        media = self.encode_audio(audio_embeds)
+        mask, has_any = media_visibility(count, audio_mask, self.windows_per_audio)
+        ctx = MediaContext(media=media, mask=mask, has_any=has_any)
+        return self.lang_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, **{MEDIA_KWARG: ctx}, **lm_kwargs
+        )
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 audio_embeds: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Greedy / sampling / beam search with KV + media cache; see ``megaflamingo.model.generation``."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, audio_embeds, audio_mask, **kwargs)
