@@ -132,10 +132,9 @@ def tiny_opt_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: in
     return OPTConfig(**args)
 
 
-def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, **kw):
-    from transformers import LlamaConfig
-
-    args = dict(
+def _tiny_rope_lm_args(vocab_size: int, hidden_size: int, num_layers: int) -> dict:
+    """Shape shared by the Llama-family tiny configs (RoPE, grouped-query attention)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 3,
@@ -143,11 +142,14 @@ def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=False,
     )
+
+
+def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, **kw):
+    from transformers import LlamaConfig
+
+    args = _tiny_rope_lm_args(vocab_size, hidden_size, num_layers)
+    args.update(pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     args.update(kw)
     return LlamaConfig(**args)
 
@@ -155,16 +157,8 @@ def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: 
 def tiny_qwen2_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, **kw):
     from transformers import Qwen2Config
 
-    args = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 3,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    args = _tiny_rope_lm_args(vocab_size, hidden_size, num_layers)
+    args.update(tie_word_embeddings=True)
     args.update(kw)
     return Qwen2Config(**args)
 
