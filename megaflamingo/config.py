@@ -163,6 +163,14 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"
     max_consecutive_nonfinite: int = 10
+    # Engine extras (issue 6). Validation: at most this many batches per validation set (None = all).
+    eval_max_batches: Optional[int] = None
+    # Seconds a collective may block before the job fails (a dead rank must not hang the job).
+    dist_timeout_s: int = 600
+    # Peak FLOP/s per device for MFU; None = a table for known GPUs, a measured matmul peak on CPU.
+    peak_tflops: Optional[float] = None
+    # Show a tqdm bar on rank 0 (the log line every ``logging_steps`` is printed either way).
+    progress_bar: bool = True
 
 
 @dataclass
@@ -427,6 +435,7 @@ def validate(cfg: Config) -> None:
         "train.eval_steps": t.eval_steps,
         "train.keep_last": t.keep_last,
         "train.max_consecutive_nonfinite": t.max_consecutive_nonfinite,
+        "train.dist_timeout_s": t.dist_timeout_s,
         "data.max_tokens": d.max_tokens,
         "encoder.embed_dim": e.embed_dim,
         "encoder.sample_rate": e.sample_rate,

@@ -1,1 +1,1 @@
-"""tools."""
+"""tools: thin CLIs over megaflamingo.checkpoint (`megaflamingo-convert`, `python -m tools`)."""

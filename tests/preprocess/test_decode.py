@@ -13,12 +13,14 @@ from megaflamingo.testing import synth_audio, write_audio
 from audio_fixtures import make_folder, unsupported_codec_wav
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
-@pytest.mark.parametrize("sr", [8000, 22050, 44100, 96000])
+# MPEG audio has no mode above 48 kHz, so mp3 is not paired with 96 kHz.
+FORMAT_RATES = [(f, sr) for f in ("wav", "flac", "ogg", "mp3") for sr in (8000, 22050, 44100, 96000)
+                if not (f == "mp3" and sr > 48000)]
+
+
+@pytest.mark.parametrize("fmt,sr", FORMAT_RATES)
 @pytest.mark.parametrize("channels", [1, 2])
 def test_formats_rates_channels(tmp_path, fmt, sr, channels):
-    if fmt == "mp3" and sr > 48000:
-        pytest.skip("MPEG audio has no rates above 48 kHz")
     path = write_audio(tmp_path / f"x.{fmt}", "tone", 2.0, sr, channels, freq=440.0)
     y = load_audio(path, 44100, min_file_bytes=0)
     assert y.ndim == 1

@@ -1,0 +1,227 @@
+"""Build everything a run needs from a Config: tokenizer, (partitioned) LM, AudioFlamingo, loaders,
+and the pre-flight checks that must fail before any rank starts training."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megaflamingo.config import Config, ConfigError
+
+log = logging.getLogger("megaflamingo.train")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def build_tokenizer(cfg: Config):
+    from megaflamingo.testing import EOC_TOKEN, MEDIA_TOKEN, SEP_TOKEN, token_ids, tiny_tokenizer
+
+    name = cfg.model.tokenizer or cfg.model.lm
+    if name in ("tiny", "tiny-opt"):
+        tok = tiny_tokenizer("opt")
+    elif name == "tiny-llama":
+        tok = tiny_tokenizer("llama")
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name, cache_dir=cfg.model.cache_dir)
+        # AF1 adds its special tokens to the LM's tokenizer (<SEP> as sep, <audio>/<|endofchunk|> extra).
+        extra = [t for t in (MEDIA_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()]
+        special = {"additional_special_tokens": extra} if extra else {}
+        if SEP_TOKEN not in tok.get_vocab():
+            special["sep_token"] = SEP_TOKEN
+        if tok.pad_token is None:
+            special["pad_token"] = "<PAD>"
+        if special:
+            tok.add_special_tokens(special)
+        tok.padding_side = "right"
+    return tok, token_ids(tok)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def build_lm(cfg: Config, vocab_size: int, ds_config: Optional[dict]) -> nn.Module:
+    """The HF causal LM; partitioned while it is built (zero.Init through transformers' DeepSpeed
+    integration) when ZeRO-3 and ``deepspeed.zero_init`` are on, so a 7B LM never exists whole."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    zero3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    hf_ds = None
+    if zero3 and cfg.deepspeed.zero_init:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay referenced while the LM is built
+    kw = dict(attn_implementation=m.attn_implementation)
+    if m.lm_config is not None:
+        conf = dict(m.lm_config)
+        conf_obj = AutoConfig.for_model(conf.pop("model_type"), **conf)
+        lm = AutoModelForCausalLM.from_config(conf_obj, **kw)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(m.lm, cache_dir=m.cache_dir, dtype=torch.float32, **kw)
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    del hf_ds
+    return lm
+
+
+def build_flamingo(cfg: Config, lm: nn.Module, token_ids: dict, ds_config: Optional[dict]) -> nn.Module:
+    from megaflamingo.model import apply_freeze_policy, build_model, policy_from_train_config
+
+    zero3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    ctx = contextlib.nullcontext()
+    if zero3 and cfg.deepspeed.zero_init:
+        import deepspeed
+
+        # The xattn blocks of a 1.3B LM are ~0.9B parameters: partition them at creation too.
+        # dtype follows the config (passing dtype= explicitly picks bf16 on CPU in DeepSpeed 0.19).
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    with ctx:
+        model = build_model(cfg.model, lm=lm, token_ids=token_ids)
+    policy, emb = policy_from_train_config(cfg.train)
+    report = apply_freeze_policy(model, policy, emb)
+    log.info("%s", report)
+    return model
+
+
+def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
+    """Initialise from a previous stage: a DeepSpeed checkpoint dir (ours), a consolidated state-dict
+    file (.pt/.pth/.bin/.safetensors: ours or AF1's, through compat.af1's key mapping), or a dir
+    holding one. Works on ZeRO-3 partitioned parameters (gathered one at a time, rank 0 writes)."""
+    from megaflamingo.compat.af1 import _canonical_key, _layers_prefix
+
+    p = Path(path)
+    sd = _read_state_dict(p)
+    prefix = _layers_prefix(model)
+    sd = {_canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
+    # remove_duplicate=False: tied weights (OPT's lm_head = embed_tokens) answer to both names.
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    unexpected = sorted(set(sd) - set(named))
+    if unexpected:
+        raise ValueError(f"train.init_from={path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+    missing = sorted(set(named) - set(sd))
+    loaded = 0
+    for name, t in named.items():
+        if name not in sd:
+            continue
+        src = sd[name]
+        ds_shape = tuple(getattr(t, "ds_shape", t.shape))
+        if tuple(src.shape) != ds_shape:
+            raise ValueError(f"train.init_from={path}: {name} has shape {tuple(src.shape)}, model {ds_shape}")
+        if hasattr(t, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        t.data.copy_(src.to(t.dtype))
+        else:
+            with torch.no_grad():
+                t.data.copy_(src.to(t.dtype))
+        loaded += 1
+    return {"loaded": loaded, "missing": missing}
+
+
+def _read_state_dict(p: Path) -> dict:
+    if p.is_dir():
+        if (p / "latest").is_file() or any(p.glob("*/megaflamingo.json")) or any(p.glob("*model_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            tag = None
+            if any(p.glob("*model_states.pt")):
+                p, tag = p.parent, p.name
+            return get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
+        files = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.pt")) + list(p.glob("*.bin")))
+        if not files:
+            raise FileNotFoundError(f"train.init_from={p}: no checkpoint files in the directory")
+        sd = {}
+        for f in files:  # AF1's 5-part release merges by dict update
+            sd.update(_read_state_dict(f))
+        return sd
+    if not p.is_file():
+        raise FileNotFoundError(f"train.init_from={p}: does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "model_state_dict" in obj:  # AF1's checkpoint layout
+        obj = obj["model_state_dict"]
+    if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
+        obj = obj["module"]
+    return obj
+
+
+def lm_hidden_size(cfg: Config) -> Optional[int]:
+    """The LM width from ``model.lm_config`` or the LM's config file (no weights loaded); sizes
+    DeepSpeed's "auto" buckets. None when it cannot be read."""
+    m = cfg.model
+    if m.lm_config is not None:
+        return m.lm_config.get("hidden_size") or m.lm_config.get("d_model")
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(m.lm, cache_dir=m.cache_dir)
+        return getattr(c, "hidden_size", None)
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def preflight(cfg: Config) -> list[str]:
+    """Check data before any process group exists. Returns the dataset directories; raises ConfigError."""
+    from megaflamingo.data import arrow_format as af
+
+    d, src = cfg.data, cfg.source or "<config>"
+    if not d.blend:
+        raise ConfigError(f"data.blend: no training datasets configured ({src})")
+    if not d.data_root:
+        raise ConfigError(f"data.data_root: not set ({src})")
+    root = Path(d.data_root)
+    if not root.is_dir():
+        raise ConfigError(f"data.data_root: directory {root} does not exist ({src})")
+    dirs = []
+    for field, names in (("data.blend", list(d.blend)), ("data.valid", list(d.valid))):
+        for name in names:
+            from megaflamingo.data.reader import parse_blend_name
+
+            # '<ds>-<task>/interleaved_knn-<split>' reads the <split> directory (+ its kNN manifest).
+            sd = root / parse_blend_name(name).split_dir
+            if not sd.is_dir():
+                raise ConfigError(f"{field}.{name}: dataset directory {sd} does not exist ({src})")
+            try:
+                meta = af.read_metadata(sd)
+            except af.FormatError as e:
+                raise ConfigError(f"{field}.{name}: {e} ({src})") from None
+            dim = int(meta["encoder"]["embed_dim"])
+            if dim != cfg.model.audio_embed_dim:
+                raise ConfigError(f"{field}.{name}: embeddings are {dim}-d ({meta['encoder']['name']}), "
+                                  f"model.audio_embed_dim is {cfg.model.audio_embed_dim} ({src})")
+            mw = int(meta["windows"]["max_windows"])
+            if mw > cfg.model.max_num_window:
+                raise ConfigError(f"{field}.{name}: preprocessed with max_windows={mw} > model.max_num_window="
+                                  f"{cfg.model.max_num_window} ({src})")
+            if meta["num_rows"] == 0:
+                raise ConfigError(f"{field}.{name}: the split has no rows ({sd})")
+            dirs.append(str(sd))
+    return dirs
+
+
+def build_loaders(cfg: Config, tokenizer, token_ids: dict, rank: int, world_size: int):
+    try:
+        from megaflamingo.data import build_train_loader, build_valid_loaders
+    except ImportError as e:  # pragma: no cover - the data pipeline ships with the package
+        raise RuntimeError(f"the data pipeline (megaflamingo.data) is not available: {e}") from e
+    # The root Config carries micro-batch size, model and encoder settings the loaders check against.
+    train = build_train_loader(cfg, tokenizer, token_ids, rank, world_size, cfg.train.seed)
+    valid = build_valid_loaders(cfg, tokenizer, token_ids, rank, world_size) if cfg.data.valid else {}
+    return train, valid

@@ -1,0 +1,186 @@
+"""DeepSpeed checkpoints with our client state, an atomic ``latest`` and keep-last-K.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step-00000100/                DeepSpeed tag dir (model/optimizer shards of every rank) plus
+        megaflamingo_rank<R>.pt   per-rank state: RNG of torch/numpy/python(/cuda), data-loader state
+        megaflamingo.json         step, world size, ZeRO stage, config hash; written LAST = complete
+    step-00000100-universal/      made on demand when resuming on another world size
+    latest                        name of the newest COMPLETE tag (temp file + rename)
+
+DeepSpeed's own ``latest`` is disabled (``save_latest=False``): it would be written before the other
+ranks finished their shards. Ours is written by rank 0 after a barrier and the marker, so a crash at
+any moment leaves ``latest`` on the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .distributed import barrier
+
+MARKER = "megaflamingo.json"
+LATEST = "latest"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st = {
+        "torch": torch.get_rng_state(),
+        # numpy/python states as tensors and ints so weights_only=True loads them.
+        "numpy": {"key": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached": float(np_state[4]), "state": torch.from_numpy(np_state[1].astype(np.int64))},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ manager
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, rank: int, world_size: int, keep_last: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- discovery
+    def complete_tags(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        tags = [p.name for p in self.dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+        return sorted(tags)
+
+    def latest_tag(self) -> Optional[str]:
+        f = self.dir / LATEST
+        if f.is_file():
+            tag = f.read_text().strip()
+            if (self.dir / tag / MARKER).is_file():
+                return tag
+        tags = self.complete_tags()  # `latest` lost but complete checkpoints exist
+        return tags[-1] if tags else None
+
+    # -- save
+    def save(self, engine, step: int, meta: dict, rank_state: dict) -> Path:
+        tag = tag_for(step)
+        tag_dir = self.dir / tag
+        if self.rank == 0 and tag_dir.exists():  # leftovers of a crashed save of the same step
+            shutil.rmtree(tag_dir)
+        barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        state = dict(rank_state, rng=rng_state())
+        torch.save(state, tag_dir / f"megaflamingo_rank{self.rank}.pt")
+        barrier()  # every rank's shards and state are on disk
+        if self.rank == 0:
+            _atomic_text(tag_dir / MARKER, json.dumps(dict(meta, step=step, world_size=self.world_size), indent=2))
+            _atomic_text(self.dir / LATEST, tag)
+            self._prune(keep=tag)
+        barrier()
+        return tag_dir
+
+    def _prune(self, keep: str) -> None:
+        tags = self.complete_tags()
+        for old in tags[: max(0, len(tags) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / f"{old}-universal", ignore_errors=True)
+        # Incomplete tag dirs older than the newest complete one are crash leftovers.
+        for p in self.dir.iterdir():
+            m = _TAG.match(p.name)
+            if m and not (p / MARKER).is_file() and p.name < keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- load
+    def read_meta(self, tag: str, src: Optional[Path] = None) -> dict:
+        return json.loads(((src or self.dir) / tag / MARKER).read_text())
+
+    def universal_tag(self, tag: str, src: Optional[Path] = None) -> str:
+        """Convert ``src/tag`` to DeepSpeed's universal format in THIS run's checkpoint dir (rank 0;
+        the others wait). Returns the new tag."""
+        src = Path(src or self.dir)
+        out = f"{tag}-universal"
+        if self.rank == 0 and not (self.dir / out / MARKER).is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.dir / out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(src / tag), "--output_folder", str(self.dir / out), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"universal checkpoint conversion of {src / tag} failed:\n"
+                                   f"{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+            (self.dir / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer
+            for f in (src / tag).glob("megaflamingo_rank*.pt"):
+                shutil.copy2(f, self.dir / out / f.name)
+            shutil.copy2(src / tag / MARKER, self.dir / out / MARKER)
+        barrier()
+        return out
+
+    def load(self, engine, tag: str, universal: bool, src: Optional[Path] = None) -> tuple[dict, Optional[dict]]:
+        """Load the engine state from ``src/tag`` (default: this run's dir); returns (meta, this rank's
+        state or None when the world changed)."""
+        src = Path(src or self.dir)
+        meta = self.read_meta(tag, src)
+        path, _ = engine.load_checkpoint(str(src), tag=tag, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {src / tag}")
+        rank_state = None
+        f = src / tag / f"megaflamingo_rank{self.rank}.pt"
+        if not universal and meta.get("world_size") == self.world_size and f.is_file():
+            rank_state = torch.load(f, map_location="cpu", weights_only=True)
+        return meta, rank_state
+
+
+def config_hash(cfg_dict: dict) -> str:
+    import hashlib
+
+    # Run bookkeeping fields may change between a run and its resume; the recipe may not.
+    d = json.loads(json.dumps(cfg_dict, default=str))
+    for k in ("run_dir", "run_name", "resume", "max_steps", "logging_steps", "eval_steps", "save_steps",
+              "keep_last", "progress_bar", "init_from", "dist_timeout_s"):
+        d.get("train", {}).pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

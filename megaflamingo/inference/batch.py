@@ -1,0 +1,146 @@
+"""Batch inference over a manifest: resumable JSONL predictions + task metrics.
+
+Inputs: a raw manifest (AF1 JSON / JSON list / JSONL, audio under ``--data-root``; embeddings are
+computed in-process with the model's encoder), or a preprocessed split directory (its stored window
+embeddings are used; its encoder must be the model's).
+
+Output: one JSON object per line ``{id, path, prompt, prediction, output?, task?}``, flushed after
+every batch. A rerun skips ids already in the file (a torn last line from a killed run is dropped),
+so ``--out`` doubles as the resume state. Metrics are computed over the whole file at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from . import metrics as M
+from .prompts import ANSWER_SUFFIX, multi_audio_prompt
+from .runner import Query, Runner
+
+
+@dataclass
+class Item:
+    id: str
+    path: str
+    prompt: Optional[str]
+    output: Optional[str]
+    task: Optional[str]
+    start: float = 0.0
+    windows: Optional[np.ndarray] = None  # precomputed (preprocessed split)
+
+
+def read_done(out: Path) -> set[str]:
+    """Ids already written; drops a torn final line (the only line a kill can leave half-written)."""
+    if not out.is_file():
+        return set()
+    raw = out.read_bytes()
+    end = raw.rfind(b"\n") + 1  # records are written whole, newline last: anything after is torn
+    if end < len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(end)
+    done: set[str] = set()
+    for n, line in enumerate(raw[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{out}: line {n} is not a JSON record; refusing to append to it") from None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise ValueError(f"{out}: line {n} has no 'id'; not a predictions file?")
+        done.add(str(rec["id"]))
+    return done
+
+
+def items_from_manifest(path: str | os.PathLike, data_root: Optional[str]) -> tuple[list[Item], Optional[str]]:
+    from megaflamingo.data.manifests import read_manifest
+
+    man = read_manifest(path, data_root)
+    items = []
+    for it in man.items:
+        if it.dialogue is not None and it.prompt is None:
+            raise ValueError(f"{path}: item {it.index} is a dialogue; use --chat --dialogue for chat data")
+        items.append(Item(id=it.id or f"{it.index}", path=it.path, prompt=it.prompt, output=it.output,
+                          task=man.task, start=it.start))
+    return items, man.task
+
+
+def items_from_split(split_dir: str | os.PathLike) -> tuple[list[Item], dict, Optional[str]]:
+    import pyarrow as pa
+
+    from megaflamingo.data.arrow_format import open_shards, read_metadata, row_windows
+
+    meta = read_metadata(split_dir)
+    tables = open_shards(split_dir)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    cols = table.select(["id", "path", "prompt", "output", "task", "start"]).to_pylist()
+    items = [Item(id=r["id"], path=r["path"], prompt=r["prompt"], output=r["output"], task=r["task"],
+                  start=r["start"], windows=np.array(row_windows(table, i), dtype=np.float32))
+             for i, r in enumerate(cols)]
+    record = {"encoder": meta["encoder"], "windows": meta["windows"], "silence_embedding": meta["silence_embedding"]}
+    return items, record, meta.get("task")
+
+
+def run_batch(
+    runner: Runner,
+    items: Sequence[Item],
+    out: str | os.PathLike,
+    embed: Optional[Callable[[Item], np.ndarray]] = None,
+    batch_size: int = 8,
+    prompt_override: Optional[str] = None,
+    prefix: str = "",
+    progress: bool = True,
+    labels: Optional[Sequence[str]] = None,
+    suffix: str = ANSWER_SUFFIX,
+) -> dict:
+    """Answer every item not yet in ``out``; return metrics over the whole file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ids = [it.id for it in items]
+    dup = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
+    if dup:
+        raise ValueError(f"duplicate item ids in the manifest: {sorted(dup)[:5]}")
+    done = read_done(out)
+    todo = [it for it in items if it.id not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="clip", desc="infer", dynamic_ncols=True)
+    with open(out, "a", encoding="utf-8") as f:
+        for lo in range(0, len(todo), batch_size):
+            chunk = todo[lo:lo + batch_size]
+            queries = []
+            for it in chunk:
+                prompt = prompt_override or it.prompt
+                if not prompt:
+                    raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
+                windows = it.windows if it.windows is not None else embed(it)
+                queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, prefix, suffix), [windows], id=it.id))
+            answers = runner.answer(queries)
+            for it, q, ans in zip(chunk, queries, answers):
+                rec = {"id": it.id, "path": it.path, "prompt": prompt_override or it.prompt, "prediction": ans}
+                if it.output is not None:
+                    rec["output"] = it.output
+                if it.task:
+                    rec["task"] = it.task
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return M.summarize(iter_records(out), labels=labels)
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

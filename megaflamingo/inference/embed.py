@@ -1,0 +1,96 @@
+"""Audio files -> window embeddings in-process, through exactly the preprocessing front end.
+
+The encoder is rebuilt from the record preprocessing wrote (``metadata.json``'s ``encoder`` block,
+carried into the model directory): same encoder, same checkpoint hash, same settings, same window
+layout. A model trained on one encoder's embeddings answers garbage on another's, so any
+difference is an error, never a warning.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from megaflamingo.audio.windows import max_span_seconds
+
+# Fields of the encoder record that must match for embeddings to be interchangeable.
+_IDENTITY = ("name", "embed_dim", "sample_rate", "checkpoint_sha256", "random_init")
+
+
+class EncoderMismatch(ValueError):
+    pass
+
+
+def compare_encoders(expected: dict, got: dict, what_expected: str, what_got: str) -> None:
+    """Raise naming every field where two encoder records disagree."""
+    diffs = []
+    for k in _IDENTITY:
+        if k in expected and k in got and expected[k] != got[k]:
+            diffs.append(f"{k}: {expected[k]!r} vs {got[k]!r}")
+    ce, cg = expected.get("config") or {}, got.get("config") or {}
+    for k in sorted(set(ce) & set(cg)):
+        if ce[k] != cg[k]:
+            diffs.append(f"config.{k}: {ce[k]!r} vs {cg[k]!r}")
+    if diffs:
+        raise EncoderMismatch(f"encoder of {what_got} differs from the one {what_expected} was trained on: "
+                              + "; ".join(diffs))
+
+
+def compare_windows(expected: dict, got: dict, what_expected: str, what_got: str) -> None:
+    diffs = [f"{k}: {expected[k]!r} vs {got[k]!r}" for k in ("window_s", "overlap_s", "max_windows")
+             if k in expected and k in got and float(expected[k]) != float(got[k])]
+    if diffs:
+        raise EncoderMismatch(f"window layout of {what_got} differs from {what_expected}: " + "; ".join(diffs))
+
+
+class AudioEmbedder:
+    """``embed(path) -> float32 [num_windows, D]`` with the recorded encoder and window layout."""
+
+    def __init__(self, record: dict, windows: dict, device: str = "cpu", checkpoint: Optional[str] = None,
+                 silence_embedding=None):
+        from megaflamingo.audio.encoders import build_encoder
+
+        self.record = dict(record)
+        self.window_s = float(windows.get("window_s", 7.0))
+        self.overlap_s = float(windows.get("overlap_s", 5.25))
+        self.max_windows = int(windows.get("max_windows", 16))
+        cfg = dict(record.get("config") or {})
+        name = record.get("name")
+        ckpt = checkpoint or record.get("checkpoint")
+        if name != "tiny" and ckpt is None and not record.get("random_init"):
+            raise EncoderMismatch(f"the model's {name} encoder needs its checkpoint: pass --encoder-checkpoint")
+        if ckpt is not None and name != "tiny" and not os.path.isfile(ckpt):
+            raise EncoderMismatch(f"encoder checkpoint {ckpt} not found (pass --encoder-checkpoint)")
+        kwargs = dict(random_init=bool(record.get("random_init")), device=device, seed=int(cfg.get("seed", 0)))
+        if name == "tiny":
+            kwargs["embed_dim"] = int(record["embed_dim"])
+        else:
+            kwargs["checkpoint"] = ckpt
+            if name == "laion-clap" and "fusion" in cfg:
+                kwargs["fusion"] = bool(cfg["fusion"])
+        self.encoder = build_encoder(name, **kwargs)
+        compare_encoders(record, self.encoder.describe(), "the model", "the rebuilt encoder")
+        if abs(float(cfg.get("clip_seconds", self.window_s)) - self.window_s) > 1e-9:
+            raise EncoderMismatch(f"encoder clip length {cfg.get('clip_seconds')} s != window {self.window_s} s")
+        self.silence = self.encoder.silence_embedding().astype(np.float32)
+        if silence_embedding is not None:
+            ref = np.asarray(silence_embedding, dtype=np.float32)
+            # fp16 storage in the dataset -> compare loosely; a different encoder is far off.
+            if ref.shape != self.silence.shape or not np.allclose(ref, self.silence, atol=2e-2, rtol=2e-2):
+                raise EncoderMismatch("the rebuilt encoder's silence embedding differs from the recorded one "
+                                      "(different encoder weights?)")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encoder.embed_dim)
+
+    def embed(self, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
+        from megaflamingo.audio.decode import load_audio
+        from megaflamingo.audio.windows import frame_windows
+
+        sr = self.encoder.sample_rate
+        span = max_span_seconds(self.window_s, self.overlap_s, self.max_windows)
+        audio = load_audio(path, sr, start_s=float(start), duration_s=span)
+        clips = frame_windows(audio, sr, self.window_s, self.overlap_s, self.max_windows)
+        return self.encoder.encode(clips).astype(np.float32)

@@ -1,0 +1,133 @@
+"""AF1's text formats at inference time: the training sample cut right after the last ``<SEP>``.
+
+Training samples (DESIGN.md §4) look like
+  single:   ``{bos}{prefix}<audio>{prompt}<SEP>{output}<|endofchunk|>{eos}``
+  few-shot: ``{bos}Here are similar examples. {prefix}<audio>{p1}<SEP>{o1}<|endofchunk|>...{eos}``
+  chat:     ``{bos}The task is dialog. <audio>`` + per round
+            ``user: {u} \\nassistant: <SEP>{a}<|endofchunk|>{eos}\\n``
+so a prompt for generation is the same text up to and including the ``<SEP>`` that opens the
+answer; the model then writes the answer and ``<|endofchunk|>``. As in AF1's *training* samples,
+prompts and outputs are lower-cased and stripped and the prompt gets AF1's answer suffix
+(``"\nAnswer:"``); the task prefix keeps its case. (AF1's evaluation path lower-cased prefix and
+suffix too, i.e. it evaluated on text its training never produced; we use the training form.)
+The tokenizer adds its own bos on top (AF1 relies on this; OPT-style ids start with two bos).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+MEDIA = "<audio>"
+EOC = "<|endofchunk|>"
+CHAT_PREFIX = "The task is dialog. "
+# AF1 appends this to every (augmented) prompt of a training sample; so does our data pipeline
+# (megaflamingo.data.templates.ANSWER_SUFFIX, overridable by data.templates.suffix).
+ANSWER_SUFFIX = "\nAnswer:"
+
+
+def answer_suffix(config=None) -> str:
+    """The suffix the model's training data used (the config's template override, else AF1's)."""
+    try:
+        from megaflamingo.data.templates import TemplateRegistry
+
+        templates = getattr(getattr(config, "data", None), "templates", None)
+        return TemplateRegistry.from_config(templates).suffix
+    except ImportError:  # pragma: no cover - the data package is part of the install
+        return ANSWER_SUFFIX
+
+
+def question(prompt: str, suffix: str = ANSWER_SUFFIX) -> str:
+    """A prompt as training saw it: lower-cased, stripped, with the answer suffix (once)."""
+    q = clean(prompt)
+    tail = (suffix or "").strip()
+    if tail and q.endswith(tail.lower()):  # the user typed it: keep one, in the training spelling
+        q = q[: -len(tail)].rstrip()
+    if suffix:
+        q = (q + suffix).strip()
+    return q
+
+
+@dataclass(frozen=True)
+class Example:
+    """One in-context example: its prompt and the answer shown to the model."""
+
+    prompt: str
+    output: str
+
+
+def clean(text: Optional[str]) -> str:
+    """AF1's evaluation normalisation: strip + lower-case."""
+    return (text or "").strip().lower()
+
+
+def task_prefix(task: Optional[str]) -> str:
+    """``'EventClassification'`` -> ``'The task is event classification. '`` (AF1's ``add_prefix``)."""
+    if not task:
+        return ""
+    words = "".join(" " + c if c.isupper() else c for c in task).strip().lower()
+    return f"The task is {words}. "
+
+
+def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX) -> str:
+    """One audio, one question."""
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    return f"{tokenizer.bos_token}{_prefix(prefix)}{MEDIA}{question(prompt, suffix)}{tokenizer.sep_token}"
+
+
+def multi_audio_prompt(tokenizer, prompt: str, num_audios: int, prefix: str = "",
+                       suffix: str = ANSWER_SUFFIX) -> str:
+    """Several audios for one question (``--audio A --audio B``): one ``<audio>`` per clip, the
+    question after the last one (every text token sees all audios before it)."""
+    if num_audios < 1:
+        raise ValueError("need at least one audio")
+    if num_audios == 1:
+        return single_prompt(tokenizer, prompt, prefix, suffix)
+    medias = MEDIA * num_audios
+    return f"{tokenizer.bos_token}{_prefix(prefix)}{medias}{question(prompt, suffix)}{tokenizer.sep_token}"
+
+
+def fewshot_prompt(tokenizer, examples: Sequence[Example], prompt: str, prefix: str = "",
+                   mode: str = "similar", suffix: str = ANSWER_SUFFIX) -> str:
+    """Retrieval-augmented few-shot prompt: the examples (audio + answer each), then the query."""
+    if mode not in ("similar", "random"):
+        raise ValueError(f"mode must be 'similar' or 'random', got {mode!r}")
+    sep, eoc = tokenizer.sep_token, EOC
+    parts = [f"{tokenizer.bos_token}Here are {mode} examples. {_prefix(prefix)}"]
+    for ex in examples:
+        parts.append(f"{MEDIA}{question(ex.prompt, suffix)}{sep}{clean(ex.output)}{eoc}")
+    parts.append(f"{MEDIA}{question(prompt, suffix)}{sep}")
+    return "".join(parts)
+
+
+def chat_prompt(tokenizer, history: Sequence[tuple[str, str]], user: str) -> str:
+    """Chat: finished rounds (user, assistant) in full, then the new user turn up to ``<SEP>``.
+    Chat text is not lower-cased (AF1's chat data keeps case)."""
+    if not user.strip():
+        raise ValueError("empty user message")
+    sep, eos = tokenizer.sep_token, tokenizer.eos_token
+    text = f"{tokenizer.bos_token}{CHAT_PREFIX}{MEDIA}"
+    for u, a in history:
+        text += f"user: {u} \nassistant: {sep}{a}{EOC}{eos}\n"
+    return text + f"user: {user} \nassistant: {sep}"
+
+
+def _prefix(prefix: str) -> str:
+    # Kept verbatim (AF1 lower-cases prompts and outputs, but its training prefix keeps its case:
+    # "The task is ... "); a prefix without the trailing space gets one.
+    p = (prefix or "").strip()
+    return p + " " if p else ""
+
+
+def decode_answer(tokenizer, new_ids) -> str:
+    """Text of generated ids up to the first ``<|endofchunk|>`` / eos, special tokens dropped."""
+    ids = [int(i) for i in new_ids]
+    stops = {tokenizer.convert_tokens_to_ids(EOC), tokenizer.eos_token_id}
+    for j, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:j]
+            break
+    drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.sep_token_id,
+            tokenizer.convert_tokens_to_ids(MEDIA)}
+    ids = [t for t in ids if t not in drop]
+    return tokenizer.decode(ids, skip_special_tokens=False).strip()

@@ -1,0 +1,81 @@
+"""`megaflamingo-train` on configs/tiny_cpu.yaml with the real data pipeline (Arrow splits written by
+megaflamingo.engine.synthetic): clear pre-flight errors, dry run, train + resume auto."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megaflamingo.engine.cli import main
+from megaflamingo.engine.synthetic import write_tiny_dataset
+
+REPO = Path(__file__).parents[2]
+CFG = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinydata")
+    write_tiny_dataset(root, rows={"train": 48, "val": 8})
+    return root
+
+
+@pytest.fixture
+def single_env(monkeypatch):
+    # main() fills RANK/WORLD_SIZE/... for a world of one; monkeypatch restores them afterwards.
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
+              "SLURM_PROCID"):
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)
+
+
+def test_missing_placeholder_is_one_clear_error(single_env, monkeypatch, capsys):
+    monkeypatch.delenv("MF_DATA_ROOT", raising=False)
+    assert main(["--config", CFG]) == 2
+    err = capsys.readouterr().err
+    assert "data.data_root" in err and "MF_DATA_ROOT" in err and err.count("\n") == 1
+
+
+def test_missing_dataset_and_embed_mismatch_fail_before_training(single_env, tmp_path, data_root, capsys):
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={tmp_path}"]) == 2
+    assert "SynthTiny-EventClassification/train" in capsys.readouterr().err
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", "model.audio_embed_dim=64",
+                 "encoder.embed_dim=64"]) == 2
+    assert "model.audio_embed_dim is 64" in capsys.readouterr().err
+
+
+def test_ds_json_contradiction_fails_before_training(single_env, data_root, capsys):
+    rc = main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}",
+               "deepspeed.overrides={gradient_clipping: 2.0}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "gradient_clipping" in err and "train.grad_clip" in err
+
+
+@pytest.mark.slow
+def test_train_resume_auto_and_dry_run(tmp_path, data_root):
+    env = dict(os.environ, MF_DATA_ROOT=str(data_root), MF_RUN_DIR=str(tmp_path / "run"), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    base = [sys.executable, "-m", "megaflamingo.engine.cli", "--config", CFG, "train.save_steps=3",
+            "train.logging_steps=2", "train.eval_steps=3", "train.eval_max_batches=1"]
+    dry = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    plan, _ = json.JSONDecoder().raw_decode(dry.stdout[dry.stdout.index("{"):])
+    assert plan["world_size"] == 1 and plan["global_batch"] == 4 and plan["trainable_params"] > 0
+    assert plan["frozen_params"] > plan["trainable_params"]
+    assert "per CPU" in dry.stdout  # DeepSpeed's memory estimate
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    r1 = subprocess.run(base + ["train.max_steps=3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
+    r2 = subprocess.run(base + ["train.max_steps=5"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resumed from" in r2.stderr
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert "valid SynthTiny-EventClassification/val=" in r1.stdout + r1.stderr
+    assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / "config.json").is_file()

@@ -1,0 +1,94 @@
+"""Prompt formats (must equal the training text up to <SEP>), metrics, resumable output files."""
+import json
+
+import numpy as np
+import pytest
+
+from megaflamingo.inference import metrics as M
+from megaflamingo.inference.batch import read_done
+from megaflamingo.inference.prompts import (Example, chat_prompt, decode_answer, fewshot_prompt, multi_audio_prompt,
+                                            single_prompt, task_prefix)
+
+
+def _training_text(tok, ids, shots, interleaved=None, prefix_prob=0.0):
+    """The data pipeline's own sample text for the same item (megaflamingo.data.assemble)."""
+    from megaflamingo.data.assemble import Item, Shot, SpecialText, build_text
+    from megaflamingo.data.templates import TemplateRegistry
+
+    item = Item(shots=[Shot(path=f"a{i}.wav", prompt=p, output=o, windows=np.zeros((1, 4), np.float32))
+                       for i, (p, o) in enumerate(shots)], interleaved=interleaved)
+    return build_text(item, SpecialText.from_tokenizer(tok, ids), TemplateRegistry(),
+                      flamingo_task="SynthSounds-EventClassification", split="train",
+                      augmentations={"do_nothing": 1.0}, prefix_prob=prefix_prob, rng=np.random.default_rng(0))
+
+
+def test_single_prompt_is_the_training_text_up_to_sep(tiny_tok, tiny_token_ids):
+    prompt = "Classify this sound.\nOPTIONS:\n - low tone.\n - high tone."
+    train = _training_text(tiny_tok, tiny_token_ids, [(prompt, "Low tone")])
+    infer = single_prompt(tiny_tok, prompt)
+    assert train.startswith(infer), (train, infer)
+    assert train[len(infer):] == "low tone<|endofchunk|></s>"
+    # Token level too: the generation prompt is a prefix of the training ids.
+    assert tiny_tok(train)["input_ids"][: len(tiny_tok(infer)["input_ids"])] == tiny_tok(infer)["input_ids"]
+
+
+def test_fewshot_prompt_matches_interleaved_training_text(tiny_tok, tiny_token_ids):
+    shots = [("classify this sound.", "pink noise"), ("classify this sound.", "white noise"),
+             ("classify this sound.", "low tone")]
+    train = _training_text(tiny_tok, tiny_token_ids, shots, interleaved="similar")
+    infer = fewshot_prompt(tiny_tok, [Example(p, o) for p, o in shots[:-1]], shots[-1][0])
+    assert train.startswith(infer)
+    assert infer.startswith("</s>Here are similar examples. <audio>")
+    assert infer.count("<audio>") == 3 and infer.endswith("<SEP>")
+
+
+def test_chat_prompt_layout(tiny_tok):
+    text = chat_prompt(tiny_tok, [("what is it?", "a tone"), ("is it loud?", "no")], "how long?")
+    assert text == ("</s>The task is dialog. <audio>user: what is it? \nassistant: <SEP>a tone<|endofchunk|></s>\n"
+                    "user: is it loud? \nassistant: <SEP>no<|endofchunk|></s>\nuser: how long? \nassistant: <SEP>")
+    with pytest.raises(ValueError):
+        chat_prompt(tiny_tok, [], "   ")
+
+
+def test_multi_audio_and_prefix(tiny_tok):
+    t = multi_audio_prompt(tiny_tok, "Which is higher?", 2, prefix=task_prefix("EventClassification"))
+    assert t == "</s>The task is event classification. <audio><audio>which is higher?\nAnswer:<SEP>"
+    assert single_prompt(tiny_tok, "q\nAnswer:").count("Answer:") == 1  # suffix never doubled
+
+
+def test_decode_answer_stops_at_eoc(tiny_tok, tiny_token_ids):
+    ids = tiny_tok("low tone", add_special_tokens=False)["input_ids"]
+    new = ids + [tiny_token_ids["eoc"]] + tiny_tok(" junk", add_special_tokens=False)["input_ids"]
+    assert decode_answer(tiny_tok, new) == "low tone"
+    assert decode_answer(tiny_tok, ids + [tiny_token_ids["pad"]] * 3) == "low tone"
+
+
+def test_classification_metrics():
+    refs = ["a", "a", "b", "c"]
+    preds = ["A.", "b", "b", "x"]
+    assert M.accuracy(preds, refs) == 0.5
+    # per class F1: a: tp1 fp0 fn1 -> 2/3; b: tp1 fp1 fn0 -> 2/3; c: 0
+    assert M.macro_f1(preds, refs) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    with pytest.raises(ValueError):
+        M.accuracy(["a"], [])
+
+
+def test_bleu_style_overlap():
+    assert M.bleu(["a dog barks loudly"], ["a dog barks loudly"]) == pytest.approx(1.0)
+    assert M.bleu(["rain falls"], ["a dog barks loudly"]) == 0.0
+    part = M.bleu(["a dog barks"], [["a dog barks loudly", "the dog is barking"]])
+    assert 0.0 < part < 1.0
+    s = M.summarize([{"output": "a dog barks", "prediction": "a dog barks", "task": "AudioCaptioning"},
+                     {"output": "low tone", "prediction": "low tone", "task": "EventClassification"}])
+    assert s["accuracy"] == 1.0 and s["n_caption"] == 1 and "not CIDEr" in s["bleu_note"]
+
+
+def test_read_done_drops_a_torn_tail(tmp_path):
+    p = tmp_path / "pred.jsonl"
+    good = [json.dumps({"id": str(i), "prediction": "x"}) for i in range(3)]
+    p.write_text("\n".join(good) + "\n" + '{"id": "3", "predic')
+    assert read_done(p) == {"0", "1", "2"}
+    assert p.read_text() == "\n".join(good) + "\n"  # torn record removed, complete ones kept
+    p.write_text(good[0] + "\nnot json\n" + good[1] + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_done(p)
