@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overlap-s", type=float, default=5.25)
     e.add_argument("--max-windows", type=int, default=16)
     e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths outside --data-root (absolute or ../); refused by default")
 
     m = sub.add_parser("merge", help="write metadata.json once every shard job has finished")
     m.add_argument("--out", required=True)
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                 min_file_bytes=args.min_file_bytes, max_bad_fraction=args.max_bad_fraction,
                 dataset=args.dataset, task=args.task, split=args.split, window_s=args.window_s,
-                overlap_s=args.overlap_s, max_windows=args.max_windows, progress=args.progress)
+                overlap_s=args.overlap_s, max_windows=args.max_windows, progress=args.progress,
+                allow_outside_root=args.allow_outside_root)
             s = run_embed(opts, log=lambda msg: print(msg, file=sys.stderr))
             print(json.dumps({"summary": s}, indent=2))
             bad = sum(s["bad_by_reason"].values())

@@ -60,6 +60,7 @@ class EmbedOptions:
     overlap_s: float = 5.25
     max_windows: int = 16
     progress: bool = True
+    allow_outside_root: bool = False      # user opt-in: manifest paths may leave data_root
 
 
 def parse_shard(spec: str | None, env: dict | None = None) -> tuple[int, int]:
@@ -180,7 +181,8 @@ def run_embed(o: EmbedOptions, log=print) -> dict:
     fcfg = FrontendConfig(os.path.abspath(o.data_root), enc.sample_rate, o.window_s, o.overlap_s,
                           o.max_windows, o.min_file_bytes,
                           clip_enc.sample_rate if clip_enc is not None else None,
-                          clip_enc.info.window_s if clip_enc is not None else 10.0)
+                          clip_enc.info.window_s if clip_enc is not None else 10.0,
+                          allow_outside_root=o.allow_outside_root)
     out.mkdir(parents=True, exist_ok=True)
     fp = _run_fingerprint(o, m, names, enc.describe(), clip_desc)
     _check_run_file(out, fp)

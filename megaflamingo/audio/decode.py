@@ -35,12 +35,15 @@ class AudioError(Exception):
         self.detail = detail
 
 
-def resolve_in_root(data_root: str | os.PathLike, rel: str) -> Path:
+def resolve_in_root(data_root: str | os.PathLike, rel: str, allow_outside: bool = False) -> Path:
     """Join `rel` under `data_root`, refusing absolute paths and `..` escapes (lexically, so
-    symlinked dataset folders inside the root keep working)."""
+    symlinked dataset folders inside the root keep working). ``allow_outside`` is the user's
+    explicit opt-in (``--allow-outside-root``) for manifests that point elsewhere on purpose."""
     if not isinstance(rel, str) or not rel:
         raise AudioError("bad_path", f"empty or non-string path {rel!r}")
     root = os.path.normpath(os.path.abspath(data_root))
+    if allow_outside:
+        return Path(os.path.normpath(os.path.join(root, rel)))
     if os.path.isabs(rel):
         raise AudioError("outside_data_root", f"absolute path {rel!r}")
     full = os.path.normpath(os.path.join(root, rel))

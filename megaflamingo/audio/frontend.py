@@ -21,6 +21,7 @@ class FrontendConfig:
     min_file_bytes: int = AF1_MIN_FILE_BYTES
     clip_sample_rate: int | None = None   # LAION-CLAP clip embedding input (48000) or None
     clip_seconds: float = 10.0
+    allow_outside_root: bool = False     # user opt-in: manifest paths may leave data_root
 
 
 @dataclass
@@ -47,7 +48,7 @@ def repeat_pad_np(x: np.ndarray, n: int) -> np.ndarray:
 
 def prepare(index: int, rel_path: str, start: float, cfg: FrontendConfig) -> Prepared:
     try:
-        path = resolve_in_root(cfg.data_root, rel_path)
+        path = resolve_in_root(cfg.data_root, rel_path, cfg.allow_outside_root)
         span = max_span_seconds(cfg.window_s, cfg.overlap_s, cfg.max_windows)
         raw = read_raw(path, start, span, cfg.min_file_bytes)
         audio = to_target(raw, cfg.sample_rate)

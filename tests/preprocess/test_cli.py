@@ -238,3 +238,25 @@ def test_audio_start_is_applied_and_recorded(tmp_path):
     assert row["start"] == 5.0 and abs(row["duration"] - 15.0) < 1e-6
     assert row["num_windows"] == 1 + int(np.ceil((15.0 - 7.0) / 1.75)) == 6
     assert [b["reason"] for b in af.read_metadata(out)["bad_files"]] == ["start_beyond_end"]
+
+
+def test_outside_root_is_refused_unless_allowed(tmp_path):
+    from megaflamingo.testing import write_audio
+
+    root = tmp_path / "root"
+    write_audio(root / "in.wav", "tone", 2.0, 22050)
+    write_audio(tmp_path / "elsewhere" / "out.wav", "chirp_up", 2.0, 22050)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"name": "in.wav", "prompt": "p", "output": "o"}\n'
+                        '{"name": "../elsewhere/out.wav", "prompt": "p", "output": "o"}\n')
+    common = ["--dataset", "toy", "--task", "AC", "--split", "train", "--workers", "0",
+              "--max-bad-fraction", "0.9"]
+    refused = tmp_path / "refused"
+    assert main(embed_args(manifest, root, refused, *common)) == 0
+    meta = af.read_metadata(refused)
+    assert meta["num_rows"] == 1
+    assert [b["reason"] for b in meta["bad_files"]] == ["outside_data_root"]
+    allowed = tmp_path / "allowed"
+    assert main(embed_args(manifest, root, allowed, *common, "--allow-outside-root")) == 0
+    meta = af.read_metadata(allowed)
+    assert meta["num_rows"] == 2 and meta["bad_files"] == []

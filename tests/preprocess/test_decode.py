@@ -1,6 +1,8 @@
 """Decoding, resampling, channel choice, normalisation and every bad-input case."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -90,6 +92,9 @@ def test_zero_frames_and_absolute_paths(tmp_path):
     with pytest.raises(AudioError):
         resolve_in_root(tmp_path, "a/../../b.wav")
     assert resolve_in_root(tmp_path, "a/../b.wav") == tmp_path / "b.wav"
+    # The user's explicit opt-in lets a manifest point outside the root.
+    assert resolve_in_root(tmp_path / "root", "../b.wav", allow_outside=True) == tmp_path / "b.wav"
+    assert resolve_in_root(tmp_path, "/abs/x.wav", allow_outside=True) == Path("/abs/x.wav")
 
 
 def test_unsupported_codec_bytes_are_a_wav_that_nothing_decodes(tmp_path):
