@@ -6,7 +6,12 @@ Forward+backward wall time (median) of
 each with our code path and with the AF1-style path (mask built per layer with Python loops over batch
 and media, as AF1's MaskedCrossAttention did, then -finfo.max fill + softmax). CPU by default.
 
+A third part times the training loss with full [B, T, V] logits (``token_losses``) against the
+supervised-positions-only path (``AudioFlamingo.supervised_loss``: LM head on the rows whose shifted label
+is set), OPT-125M shape (vocab 50272), forward and forward+backward, pretrain freezing.
+
     python bench/bench_model.py [--batch 2] [--seq 256] [--reps 3] [--device cpu] [--skip-125m]
+                                [--loss-seq 512] [--sup-frac 0.15] [--only-loss]
 """
 from __future__ import annotations
 
@@ -134,6 +139,53 @@ def bench_model(name, cfg, args, dev):
           f"{t_naive * 1e3:8.1f} ms   speed-up x{t_naive / t_ours:.2f}")
 
 
+def bench_loss_logits(args, dev):
+    from megaflamingo.engine.trainer import token_losses
+
+    B, T, D, wpa, shots = args.batch, args.loss_seq, 1024, 16, 8
+    cfg = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                    word_embed_proj_dim=768, dropout=0.0, attention_dropout=0.0)
+    media_id = cfg.vocab_size - 2
+    lm = AutoModelForCausalLM.from_config(cfg)
+    model = AudioFlamingo(lm, dict(media=media_id, eoc=cfg.vocab_size - 1), audio_embed_dim=D,
+                          audio_attn_dropout=0.0).to(dev).train()
+    model.lang_encoder.requires_grad_(False)  # pretrain: LM (and its head) frozen, xattn trainable
+    for b in model.xattn_blocks():
+        b.requires_grad_(True)
+    ids, emb, am = make_inputs(B, T, wpa * shots, D, wpa, media_id, cfg.vocab_size, dev, shots)
+    # Supervision like an AQA/caption batch: the answer span at the end of each row (~sup_frac of T).
+    labels = torch.full_like(ids, -100)
+    n_sup = max(1, int(args.sup_frac * T))
+    labels[:, T - n_sup:] = ids[:, T - n_sup:]
+    att = torch.ones_like(ids)
+
+    def full_loss():
+        s, c = token_losses(model(ids, att, emb, am).logits, labels)
+        return s.sum() / c.sum().clamp(min=1)
+
+    def sup_loss():
+        return model.supervised_loss(ids, att, emb, am, labels).loss
+
+    with torch.no_grad():
+        a, b = full_loss(), sup_loss()
+    rel = abs(float(a) - float(b)) / abs(float(a))
+    res = {}
+    for name, fn in (("full", full_loss), ("supervised", sup_loss)):
+        res[name, "fwd"] = timeit(lambda: fn(), args.reps)
+
+        def fb():
+            fn().backward()
+            model.zero_grad(set_to_none=True)
+
+        res[name, "fwd+bwd"] = timeit(fb, args.reps)
+    print(f"loss logits opt-125m B={B} T={T} V={cfg.vocab_size} supervised {n_sup}/{T} per row "
+          f"(loss rel. diff {rel:.1e}):")
+    for kind in ("fwd", "fwd+bwd"):
+        f, s_ = res["full", kind], res["supervised", kind]
+        print(f"  {kind:<8s} full {f * 1e3:8.1f} ms   supervised-only {s_ * 1e3:8.1f} ms   "
+              f"saved {100 * (1 - s_ / f):5.1f}%   speed-up x{f / s_:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2)
@@ -142,11 +194,17 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-125m", action="store_true")
+    ap.add_argument("--loss-seq", type=int, default=512, help="T of the loss-logits benchmark")
+    ap.add_argument("--sup-frac", type=float, default=0.15, help="supervised fraction of each row")
+    ap.add_argument("--only-loss", action="store_true", help="run only the loss-logits benchmark")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    if args.only_loss:
+        bench_loss_logits(args, dev)
+        return
     bench_block(args, dev)
     tiny = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
                      word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)
@@ -155,6 +213,7 @@ def main():
         opt125 = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
                            num_attention_heads=12, word_embed_proj_dim=768, dropout=0.0, attention_dropout=0.0)
         bench_model("opt-125m", opt125, args, dev)
+        bench_loss_logits(args, dev)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,9 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     # Show a tqdm bar on rank 0 (the log line every ``logging_steps`` is printed either way).
     progress_bar: bool = True
+    # Training/validation loss: "supervised" runs the LM head only where the shifted label is not -100
+    # (same loss and gradients, ~14% less forward on OPT's 50k vocabulary); "full" computes [B, T, V] logits.
+    loss_logits: Literal["supervised", "full"] = "supervised"
 
 
 @dataclass

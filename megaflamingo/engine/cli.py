@@ -3,7 +3,8 @@
 
 Runs as one process or under deepspeed / torchrun / srun / mpirun (see ``distributed.discover_env``).
 Exit codes: 0 done; 2 bad config or data (one message, before training); 75 stopped by SIGUSR1/SIGTERM
-after saving a checkpoint (requeue and rerun with ``--resume auto``); 1 anything else.
+after saving a checkpoint, or without one when the signal came before the first step (requeue and rerun
+with ``--resume auto``); 1 anything else.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 from megaflamingo.config import ConfigError, load_config
 
+from . import stop
 from .trainer import EXIT_SIGNAL
 
 
@@ -30,6 +32,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # First thing: from here on SIGUSR1/SIGTERM only set a flag (the trainer honours it, even one that
+    # arrived during start-up) instead of killing the process before anything could be saved.
+    old_handlers = stop.install()
+    try:
+        return _main(argv)
+    finally:
+        stop.restore(old_handlers)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from .distributed import discover_env
 
@@ -57,9 +69,13 @@ def main(argv=None) -> int:
         if world.rank == 0:
             print(f"megaflamingo-train: error: {e}", file=sys.stderr)
         return 2
+    from .distributed import shutdown
     from .run import run
 
-    result = run(cfg, world, dry_run=args.dry_run)
+    try:
+        result = run(cfg, world, dry_run=args.dry_run)
+    finally:
+        shutdown()
     if result is not None and result.stopped_by_signal:
         return EXIT_SIGNAL
     return 0

@@ -103,6 +103,16 @@ def init_distributed(world: World, timeout_s: int) -> None:
                                auto_mpi_discovery=False, verbose=False)
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, the
+    backend's worker threads can be destroyed while still joinable, and a rank that finished cleanly
+    dies with SIGABRT ("terminate called without an active exception"), failing the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def disable_cpu_shm_comm() -> None:
     """Route DeepSpeed's CPU collectives through gloo instead of its shared-memory op.
 

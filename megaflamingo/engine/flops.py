@@ -12,7 +12,9 @@ Convention (PaLM appendix B, adapted to a partly frozen model); a multiply-add i
 * attention scores and the weighted sum cost 2·2·n·d per query row for n keys (full, not causal-
   halved), three times that for forward + backward: 12·T·d per text token per LM layer,
   12·L·inner per text token per xattn block, 12·L·d per audio slot per audio-transformer layer;
-* embedding look-ups are free; the LM head is a matrix like any other (tied or not).
+* embedding look-ups are free; the LM head is a matrix like any other (tied or not), counted on the rows
+  it runs on: all B·T positions with full logits, the supervised ones only with
+  ``train.loss_logits: supervised``.
 
 The denominator is the device peak: ``train.peak_tflops`` if given, a table for known GPUs (dense
 bf16, /2 for fp32 = TF32), else on CPU a measured fp32/bf16 matmul peak (``measure_cpu_peak``).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +39,8 @@ def _numel(p: torch.Tensor) -> int:
 
 @dataclass
 class FlopSpec:
-    text_linear: float = 0.0  # FLOPs per text position from weight matrices (already x4 / x6)
+    text_linear: float = 0.0  # FLOPs per text position from weight matrices (already x4 / x6), LM head excluded
+    head_linear: float = 0.0  # FLOPs per row the LM head runs on (x4 / x6)
     audio_linear: float = 0.0  # FLOPs per audio slot from weight matrices
     lm_layers: int = 0
     lm_width: int = 0
@@ -45,27 +49,33 @@ class FlopSpec:
     audio_layers: int = 0
     audio_width: int = 0
 
-    def per_batch(self, batch_size: int, seq_len: int, audio_slots: int) -> float:
+    def per_batch(self, batch_size: int, seq_len: int, audio_slots: int, head_rows: Optional[int] = None) -> float:
+        """``head_rows``: rows the LM head ran on (default every position, B·T)."""
         per_text = self.text_linear + 12.0 * seq_len * self.lm_width * self.lm_layers
         per_text += 12.0 * audio_slots * self.xattn_inner * self.xattn_blocks
         per_slot = self.audio_linear + 12.0 * audio_slots * self.audio_width * self.audio_layers
-        return batch_size * (seq_len * per_text + audio_slots * per_slot)
+        rows = batch_size * seq_len if head_rows is None else head_rows
+        return batch_size * (seq_len * per_text + audio_slots * per_slot) + rows * self.head_linear
 
 
 def flop_spec(model: nn.Module) -> FlopSpec:
     """Inspect ``model`` (an AudioFlamingo, or any module: then only weight matrices count)."""
     spec = FlopSpec()
+    lm = getattr(model, "lang_encoder", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
         w = mod.weight
         cost = (6.0 if w.requires_grad else 4.0) * _numel(w)
+        if head is not None and mod is head:
+            spec.head_linear += cost
+            continue
         on_audio = name.startswith("audio_transformer") or name.endswith("to_kv")
         if on_audio:
             spec.audio_linear += cost
         else:
             spec.text_linear += cost
-    lm = getattr(model, "lang_encoder", None)
     cfg = getattr(lm, "config", None)
     if cfg is not None:
         spec.lm_layers = int(getattr(cfg, "num_hidden_layers", 0))

@@ -70,6 +70,28 @@ def will_resume(cfg: Config) -> bool:
     return True
 
 
+def write_encoder_record(cfg: Config) -> Optional[Path]:
+    """``<run_dir>/encoder.json``: which audio encoder (and window layout, clip encoder) made the
+    training embeddings, so an exported model dir can embed new audio the same way without the
+    training data. All datasets of a blend agree (the data pipeline refuses a mixed blend)."""
+    from megaflamingo.data.arrow_format import read_metadata
+    from megaflamingo.data.reader import parse_blend_name
+    from megaflamingo.inference.load import write_encoder_record as write_record
+
+    root = cfg.data.data_root
+    for name in list(cfg.data.blend) + list(cfg.data.valid):
+        d = Path(root or ".") / parse_blend_name(name).split_dir
+        if (d / "metadata.json").is_file():
+            meta = read_metadata(d)
+            rec = {k: meta.get(k) for k in ("encoder", "windows", "silence_embedding", "clip_encoder",
+                                            "clip_embed_dim")}
+            rec["dataset"] = name
+            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+            return write_record(cfg.train.run_dir, rec)
+    log.warning("no training dataset metadata found under %s: encoder.json not written", root)
+    return None
+
+
 def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResult]:
     device = device_for(world)
     init_distributed(world, cfg.train.dist_timeout_s)
@@ -105,5 +127,6 @@ def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResul
     trainer = Trainer(cfg, model, train_loader, valid_loaders, world, device, ds_config=ds_config)
     if world.is_main:
         Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        write_encoder_record(cfg)
         (Path(cfg.train.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     return trainer.train()

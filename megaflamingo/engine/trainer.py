@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from megaflamingo.config import Config
 
+from . import stop as stop_request
 from .checkpointing import CheckpointManager, config_hash, set_rng_state
 from .distributed import World, all_reduce_max, all_reduce_sum
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
@@ -111,7 +111,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.nonfinite_total = 0
-        self._stop_requested = False
 
     # ------------------------------------------------------------------ setup helpers
     def _steps_from_loader(self) -> Optional[int]:
@@ -168,9 +167,6 @@ class Trainer:
                 "nonfinite_skipped": self.nonfinite_total, "time": time.time()}
         self.ckpt.save(self.engine, self.step, meta, {"loader": loader_state, "epoch": self.epoch})
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_requested = True
-
     # ------------------------------------------------------------------ batches
     def _next_batch(self, it):
         try:
@@ -200,6 +196,10 @@ class Trainer:
 
     def _forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         labels = inputs.pop("labels")
+        if self.cfg.train.loss_logits == "supervised":
+            # Through the engine's forward (ZeRO-3 hooks); the head runs on the supervised rows only.
+            out = self.engine(**inputs, labels=labels, loss_logits="supervised")
+            return out.loss, out.loss_sum.detach(), out.count.detach()
         out = self.engine(**inputs)
         logits = out.logits if hasattr(out, "logits") else out
         loss_sum, count = token_losses(logits, labels)
@@ -233,19 +233,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         t = self.cfg.train
+        if self.total_steps is None:
+            raise ValueError("train.max_steps is required when the training loader has no length")
+        # Before the (maybe long) checkpoint load. The CLI installed the same handler at start-up already;
+        # a flag set there or here is honoured before the first step.
+        old_handlers = stop_request.install()
         if self.resume_tag is not None:
             self._resume()
         result = TrainResult(step=self.step, resumed_from=self.resume_tag,
                              nonfinite_skipped=self.nonfinite_total)
-        if self.total_steps is None:
-            raise ValueError("train.max_steps is required when the training loader has no length")
         main = self.world.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLogger(self.run_dir, main, self.total_steps, self.step, t.progress_bar)
         if main:
             metrics.line(self.plan_text())
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
         step_log = self.run_dir / "train_log.jsonl"
         ga = t.gradient_accumulation_steps
         it = iter(self.train_loader)
@@ -255,7 +257,15 @@ class Trainer:
         t_window = time.perf_counter()
         self.engine.train()
         try:
-            while self.step < self.total_steps:
+            if all_reduce_max(1.0 if stop_request.requested() else 0.0) > 0:
+                # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
+                # from (or since initialisation), so there is nothing new to save; exit 75 at once.
+                result.stopped_by_signal = True
+                stop_request.clear()
+                if main:
+                    metrics.line(f"stopped by signal before the first step (step {self.step}); no checkpoint "
+                                 "written, nothing new to save")
+            while not result.stopped_by_signal and self.step < self.total_steps:
                 good = 0
                 step_stats = torch.zeros(2, dtype=torch.float64)
                 while good < ga:
@@ -286,7 +296,9 @@ class Trainer:
                     window["samples"] += B
                     mask = batch.get("attention_mask")
                     window["tokens"] += float(mask.sum()) if mask is not None else B * T
-                    window["flops"] += self.flops.per_batch(B, T, L)
+                    # With supervised-only logits the LM head ran on count.sum() rows, not B*T.
+                    head_rows = int(count.sum()) if t.loss_logits == "supervised" else None
+                    window["flops"] += self.flops.per_batch(B, T, L, head_rows)
                     for name, ls, c in zip(batch.get("dataset", []), loss_sum.tolist(), count.tolist()):
                         per_ds[name][0] += ls
                         per_ds[name][1] += c
@@ -317,17 +329,17 @@ class Trainer:
                         metrics.line(f"step {self.step}: valid " + " ".join(
                             f"{k}={v:.4f}" for k, v in result.valid.items()))
                     t_window = time.perf_counter()  # validation is not training throughput
-                stop = all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
+                stop = all_reduce_max(1.0 if stop_request.requested() else 0.0) > 0
                 if stop or self.step % t.save_steps == 0 or self.step == self.total_steps:
                     self._save()
                 if stop:
                     result.stopped_by_signal = True
+                    stop_request.clear()
                     if main:
                         metrics.line(f"stopped by signal at step {self.step}; checkpoint saved")
                     break
         finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            stop_request.restore(old_handlers)
             metrics.close()
         result.step = self.step
         result.nonfinite_skipped = self.nonfinite_total

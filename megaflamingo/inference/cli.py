@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--encoder-checkpoint", help="path of the audio encoder's weights (real encoders)")
+    p.add_argument("--cache-dir", help="keep the model dir converted from a DeepSpeed/AF1 checkpoint here "
+                   "(reused next time); default: a temporary dir, removed after loading")
     p.add_argument("--encoder-from", help="take the encoder record from this preprocessed split dir")
     # single / multi audio
     p.add_argument("--audio", action="append", default=[], help="audio file (repeat for several)")
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogue", help="JSON dialogue file (with --chat): answers every user turn")
     # retrieval
     p.add_argument("--icl-from", help="preprocessed TRAIN split dir to retrieve in-context examples from")
+    p.add_argument("--clip-checkpoint", help="LAION-CLAP checkpoint for the query's clip embedding (default: "
+                   "the one recorded in the split's metadata; sha256 verified)")
     p.add_argument("--k", type=int, default=8, help="audios in the few-shot prompt (k-1 examples + query)")
     # batch
     p.add_argument("--manifest", help="manifest (JSONL / AF1 JSON) or preprocessed split dir")
@@ -80,7 +84,8 @@ def run(a) -> int:
 
     device = _device(a.device)
     rec = encoder_record_from_dataset(a.encoder_from) if a.encoder_from else None
-    loaded = load_model(a.model, device=device, dtype=a.dtype, config=a.config, encoder_record=rec)
+    loaded = load_model(a.model, device=device, dtype=a.dtype, config=a.config, encoder_record=rec,
+                        cache_dir=a.cache_dir)
     settings = GenerationSettings(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                                   top_k=a.top_k, top_p=a.top_p, num_beams=a.num_beams, seed=a.seed)
     runner_embedder = _Lazy(loaded, device, a.encoder_checkpoint)
@@ -156,13 +161,17 @@ def _icl(a, loaded, runner, windows) -> int:
     # Neighbours' stored embeddings go into the model next to the query's: same encoder required.
     compare_encoders(loaded.encoder["encoder"], index.meta["encoder"], "the model", a.icl_from)
     compare_windows(loaded.encoder.get("windows") or {}, index.meta["windows"], "the model", a.icl_from)
-    if index.use_clip:
-        raise ValueError(f"{a.icl_from} stores LAION-CLAP clip embeddings; in-process LAION-CLAP query "
-                         "embedding is not wired into the CLI yet (preprocess the query clip instead)")
+    if index.use_clip:  # the split's keys are LAION-CLAP clip embeddings: embed the query the same way
+        from .embed import ClipEmbedder
+
+        key = ClipEmbedder(index.meta["clip_encoder"], index.meta["windows"], _device(a.device),
+                           a.clip_checkpoint).embed(a.audio[0])
+    else:
+        key = index.key_for_windows(windows[0])
     # AF1 never shows the query's own file as an example (querying with a train clip).
     query = Path(a.audio[0]).resolve().as_posix()
     same_file = [p for p in set(index.paths) if query.endswith("/" + p.lstrip("/"))]
-    neigh = index.neighbours(index.key_for_windows(windows[0]), a.k - 1, exclude_paths=same_file)
+    neigh = index.neighbours(key, a.k - 1, exclude_paths=same_file)
     examples, ex_windows = build_examples(neigh)
     text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, a.prefix, suffix=answer_suffix(loaded.config))
     answer = runner.answer([Query(text, ex_windows + windows)])[0]

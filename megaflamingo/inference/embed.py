@@ -94,3 +94,43 @@ class AudioEmbedder:
         audio = load_audio(path, sr, start_s=float(start), duration_s=span)
         clips = frame_windows(audio, sr, self.window_s, self.overlap_s, self.max_windows)
         return self.encoder.encode(clips).astype(np.float32)
+
+
+class ClipEmbedder:
+    """A query's LAION-CLAP clip embedding, made exactly as preprocessing filled a split's
+    ``clip_embedding`` column (the kNN key): the split's ``clip_encoder`` record rebuilt (checkpoint
+    sha256 checked), first ``clip_seconds`` at the encoder's rate, int16 round trip, repeat-pad."""
+
+    def __init__(self, record: dict, windows: dict, device: str = "cpu", checkpoint: Optional[str] = None):
+        from megaflamingo.audio.encoders import build_encoder
+
+        if not record or record.get("name") != "laion-clap":
+            raise EncoderMismatch(f"clip encoder {record and record.get('name')!r}: only laion-clap clip "
+                                  "embeddings can be recomputed for a query")
+        cfg = dict(record.get("config") or {})
+        ckpt = checkpoint or record.get("checkpoint")
+        if ckpt is None and not record.get("random_init"):
+            raise EncoderMismatch("the split's LAION-CLAP clip encoder needs its checkpoint: pass --clip-checkpoint")
+        if ckpt is not None and not os.path.isfile(ckpt):
+            raise EncoderMismatch(f"LAION-CLAP checkpoint {ckpt} not found (pass --clip-checkpoint)")
+        self.clip_seconds = float(cfg.get("clip_seconds", 10.0))
+        self.span = max_span_seconds(float(windows.get("window_s", 7.0)), float(windows.get("overlap_s", 5.25)),
+                                     int(windows.get("max_windows", 16)))
+        self.encoder = build_encoder("laion-clap", ckpt, bool(record.get("random_init")) and ckpt is None, device,
+                                     None, int(cfg.get("seed", 0)), bool(cfg.get("fusion", True)),
+                                     window_s=self.clip_seconds)
+        got = self.encoder.describe()
+        # Same identity (incl. checkpoint sha256) as the encoder that made the split's keys.
+        compare_encoders(record, dict(got, config=dict(got["config"], pooling=cfg.get("pooling", "clip"))),
+                         "the retrieval split", "the rebuilt LAION-CLAP encoder")
+
+    def embed(self, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
+        from megaflamingo.audio.decode import read_raw, to_target
+        from megaflamingo.audio.frontend import repeat_pad_np
+        from megaflamingo.audio.windows import quantize_int16
+
+        sr = self.encoder.sample_rate
+        raw = read_raw(path, float(start), self.span, min_file_bytes=0)
+        clip = repeat_pad_np(quantize_int16(to_target(raw, sr, max_seconds=self.clip_seconds)),
+                             int(self.clip_seconds * sr))
+        return self.encoder.encode(clip[None].astype(np.float32))[0]

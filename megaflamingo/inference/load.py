@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -117,20 +119,16 @@ def build_from_config(cfg: Config, tokenizer, device: str = "cpu"):
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    try:  # the checkpoint tools' reader: verifies part sizes/sha256 and re-ties tied weights
-        from megaflamingo.checkpoint.load import load_state_dict as verified_load
-    except ImportError:  # pragma: no cover
-        verified_load = None
-    if verified_load is not None and list(model_dir.glob("*.index.json")):
+    # The checkpoint tools' reader whenever an index exists: it verifies part sizes/sha256 and
+    # re-ties the tied weights the index records (stored once, needed under every name).
+    from megaflamingo.checkpoint import load_state_dict as verified_load
+
+    if list(model_dir.glob("*.index.json")):
         try:
             return dict(verified_load(model_dir, verify=True))
         except Exception as e:
             raise ModelLoadError(f"{model_dir}: {e}") from e
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if files:
         sd: dict[str, torch.Tensor] = {}
         for f in files:
@@ -179,12 +177,17 @@ def read_encoder_record(model_dir: Path, cfg: Config) -> dict:
     p = model_dir / ENCODER_FILE
     if p.is_file():
         rec = json.loads(p.read_text(encoding="utf-8"))
-        if "encoder" not in rec:
+        if "encoder" not in rec or "windows" not in rec:
             raise ModelLoadError(f"{p}: expected keys encoder, windows, silence_embedding")
         return rec
     rec = _record_from_training_data(cfg)
     if rec is not None:
+        # Works only while the training data stays where the config says: a moved model dir loses it.
+        warnings.warn(f"{model_dir}: no {ENCODER_FILE}; took the encoder record from the training data under "
+                      f"{cfg.data.data_root} (re-export the model to record it)", stacklevel=2)
         return rec
+    warnings.warn(f"{model_dir}: no {ENCODER_FILE} and no training data found; using the config's encoder "
+                  "section (no checkpoint hash to check against)", stacklevel=2)
     e = cfg.encoder
     # Without the dataset's record: the config's encoder section (no checkpoint hash / silence).
     return {
@@ -223,12 +226,16 @@ def encoder_record_from_dataset(dataset_dir: str | os.PathLike) -> dict:
 
     meta = read_metadata(dataset_dir)
     return {"encoder": meta["encoder"], "windows": meta["windows"],
-            "silence_embedding": meta["silence_embedding"], "dataset": f"{meta['dataset']}-{meta['task']}"}
+            "silence_embedding": meta["silence_embedding"], "clip_encoder": meta.get("clip_encoder"),
+            "clip_embed_dim": meta.get("clip_embed_dim"), "dataset": f"{meta['dataset']}-{meta['task']}"}
 
 
 def write_encoder_record(model_dir: str | os.PathLike, record: dict) -> Path:
+    """Atomically (temp file + rename): a reader never sees half a record."""
     p = Path(model_dir) / ENCODER_FILE
-    p.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
     return p
 
 
@@ -254,21 +261,35 @@ def detect_kind(path: Path) -> str:
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str] = None,
-               config: Optional[str] = None, encoder_record: Optional[dict] = None) -> LoadedModel:
+               config: Optional[str] = None, encoder_record: Optional[dict] = None,
+               cache_dir: Optional[str | os.PathLike] = None) -> LoadedModel:
+    """A DeepSpeed checkpoint or an AF1 file is converted to a model dir first: a temporary one,
+    removed once the weights are in memory, or ``<cache_dir>/<name>`` (kept, reused by later calls
+    when ``cache_dir`` is given)."""
     path = Path(path)
     kind = detect_kind(path)
-    if kind == "deepspeed":
-        tmp = Path(tempfile.mkdtemp(prefix="megaflamingo-export-"))
-        _convert_deepspeed(path, tmp)
-        loaded = _load_export(tmp, device, dtype, encoder_record)
-    elif kind == "af1":
-        if config is None:
-            raise ModelLoadError(f"{path}: an AF1 checkpoint needs --config (the model/LM/tokenizer settings)")
-        tmp = Path(tempfile.mkdtemp(prefix="megaflamingo-af1-"))
-        _import_af1(path, tmp, config)
-        loaded = _load_export(tmp, device, dtype, encoder_record)
-    else:
+    if kind == "export":
         loaded = _load_export(path, device, dtype, encoder_record)
+    else:
+        if kind == "af1" and config is None:
+            raise ModelLoadError(f"{path}: an AF1 checkpoint needs --config (the model/LM/tokenizer settings)")
+        convert = _convert_deepspeed if kind == "deepspeed" else (lambda p, o: _import_af1(p, o, config))
+        if cache_dir is not None:
+            out = Path(cache_dir) / f"{kind}-{path.resolve().name}"
+            if not (out / "config.json").is_file():
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=cache_dir))
+                try:
+                    convert(path, tmp)
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.replace(tmp, out)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            loaded = _load_export(out, device, dtype, encoder_record)
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"megaflamingo-{kind}-") as tmp:
+                convert(path, Path(tmp))
+                loaded = _load_export(Path(tmp), device, dtype, encoder_record)
     loaded.kind, loaded.source = kind, str(path)
     return loaded
 

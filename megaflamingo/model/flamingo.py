@@ -6,15 +6,27 @@ Submodule names follow AF1 (``audio_transformer``, ``lang_encoder``) so its chec
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .audio_transformer import AudioTransformer
 from .injection import MEDIA_KWARG, FlamingoDecoderLayer, flamingo_layers, inject_xattn
 from .xattn import MediaContext, media_visibility
+
+
+IGNORE_INDEX = -100
+LOSS_LOGITS = ("full", "supervised")
+
+
+class SupervisedLoss(NamedTuple):
+    """Causal-LM loss from the supervised positions only (position t predicts label t+1, -100 ignored)."""
+    loss: torch.Tensor  # scalar: token-mean over the batch (0 when no token is supervised)
+    loss_sum: torch.Tensor  # [B] float32: per-sample sum of token losses
+    count: torch.Tensor  # [B] int64: per-sample number of supervised tokens
 
 
 class AudioFlamingo(nn.Module):
@@ -174,18 +186,68 @@ class AudioFlamingo(nn.Module):
         audio_embeds: Optional[torch.Tensor] = None,
         audio_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        loss_logits: str = "full",
         **lm_kwargs,
     ):
         """HF-style output (``.logits``, ``.loss``). Extra kwargs (position_ids, past_key_values, use_cache,
-        logits_to_keep ...) go to the LM."""
+        logits_to_keep ...) go to the LM.
+
+        ``loss_logits="supervised"`` (needs ``labels``) returns a :class:`SupervisedLoss` instead, computing
+        logits only where the shifted label is not -100 (see :meth:`supervised_loss`). It is a forward
+        argument, not only a method, so that a DeepSpeed engine wrapping this module can run it through its
+        own ``forward`` (ZeRO-3 gathers parameters in module hooks that fire from ``__call__``)."""
+        if loss_logits not in LOSS_LOGITS:
+            raise ValueError(f"loss_logits must be one of {LOSS_LOGITS}, got {loss_logits!r}")
         count = torch.cumsum((input_ids == self.media_token_id).long(), dim=1)
         audio_mask = self.validate_inputs(input_ids, audio_embeds, audio_mask, count)
+        if loss_logits == "supervised":
+            if labels is None:
+                raise ValueError("loss_logits='supervised' needs labels")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if "logits_to_keep" in lm_kwargs:
+                raise ValueError("loss_logits='supervised' chooses logits_to_keep itself; do not pass it")
         media = self.encode_audio(audio_embeds)
         mask, has_any = media_visibility(count, audio_mask, self.windows_per_audio)
         ctx = MediaContext(media=media, mask=mask, has_any=has_any)
+        if loss_logits == "supervised":
+            return self._supervised_loss(input_ids, attention_mask, labels, ctx, lm_kwargs)
         return self.lang_encoder(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, **{MEDIA_KWARG: ctx}, **lm_kwargs
         )
+
+    def supervised_loss(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        audio_embeds: torch.Tensor, audio_mask: Optional[torch.Tensor],
+                        labels: torch.Tensor) -> SupervisedLoss:
+        """Loss without the full [B, T, V] logits: the LM head runs only on the rows whose shifted label
+        is not -100 (typically 10-20% of a training batch). Same values and gradients as
+        ``token_losses(model(...).logits, labels)``. Goes through ``__call__`` (hooks fire)."""
+        return self(input_ids, attention_mask, audio_embeds, audio_mask, labels=labels, loss_logits="supervised")
+
+    def _supervised_loss(self, input_ids, attention_mask, labels, ctx: MediaContext, lm_kwargs) -> SupervisedLoss:
+        # HF >= 5 slices the final hidden states with a boolean [B, T] ``logits_to_keep`` *inside* the LM's
+        # own forward, right before its head: whatever the model does there (OPT's project_out lives in the
+        # decoder; tied lm_head; any logit scaling) stays exactly the LM's code, and under ZeRO-3 the head
+        # is gathered by its usual hooks. Output rows come in row-major (b, t) order, like ``valid[valid]``.
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != IGNORE_INDEX  # [B, T-1]: position t is scored when label t+1 is set
+        keep = F.pad(valid, (0, 1), value=False)  # [B, T]: the last position predicts nothing
+        out = self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                **{MEDIA_KWARG: ctx}, **lm_kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        targets = shift_labels[valid]
+        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"{type(self.lang_encoder).__name__} ignored a boolean logits_to_keep (got logits of shape "
+                f"{tuple(logits.shape)} for {targets.shape[0]} supervised positions); use the full-logits "
+                "loss (train.loss_logits=full) for this LM")
+        tok = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+        # Scatter back to [B, T-1] and sum per row: deterministic (no atomics) and the same summation
+        # order as the full-logits path.
+        loss_sum = torch.zeros(valid.shape, dtype=tok.dtype, device=tok.device).masked_scatter(valid, tok).sum(1)
+        count = valid.sum(1)
+        loss = loss_sum.sum() / count.sum().clamp(min=1)
+        return SupervisedLoss(loss, loss_sum, count)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  audio_embeds: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None, **kwargs):

@@ -79,3 +79,28 @@ def test_train_resume_auto_and_dry_run(tmp_path, data_root):
     assert steps == [1, 2, 3, 4, 5]
     assert "valid SynthTiny-EventClassification/val=" in r1.stdout + r1.stderr
     assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / "config.json").is_file()
+
+
+def test_stop_signal_during_startup_is_recorded_and_exits_75(single_env, data_root, monkeypatch):
+    """A SIGTERM that lands while the run is still being built must not kill the process: the CLI
+    installs the stop handler first, the flag survives until the trainer reads it, the exit code is 75."""
+    import signal
+
+    import megaflamingo.engine.run as run_mod
+    from megaflamingo.engine import stop
+    from megaflamingo.engine.trainer import TrainResult
+
+    seen = {}
+
+    def fake_run(cfg, world, dry_run=False):  # stands in for model build + Trainer.train()
+        assert signal.getsignal(signal.SIGTERM) is stop._handler  # else the kill below would end pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        seen["requested"] = stop.requested()
+        stop.clear()
+        return TrainResult(step=0, stopped_by_signal=seen["requested"])
+
+    monkeypatch.setattr(run_mod, "run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}"]) == 75
+    assert seen == {"requested": True}
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored when main returns

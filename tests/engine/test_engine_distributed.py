@@ -200,6 +200,13 @@ def test_nonfinite_skip_signal_stop_resume_and_abort(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert res2["resumed_from"] == "step-00000003" and res2["step"] == 5 and len(res2["losses"]) == 2
     assert res2["skipped"] == 1  # the counter survives the restart
+    # A stop signal during start-up (before deepspeed.initialize): resumed, no step, nothing saved, exit 75.
+    proc, res3, _ = launch(tmp_path, "nan", nproc=1, signal_before_trainer=True, train={"max_steps": 7})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert res3["stopped_by_signal"] and res3["step"] == 5 and res3["losses"] == []
+    assert res3["resumed_from"] == "step-00000005"
+    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text() == "step-00000005"
+    assert "stopped by signal before the first step" in proc.stdout + proc.stderr
     # N non-finite micro-batches in a row abort (non-zero exit) without a checkpoint.
     proc, _, _ = launch(tmp_path, "nan3", nproc=1, nonfinite_at=[[0, 1], [0, 2], [0, 3]],
                         train={"max_steps": 4, "max_consecutive_nonfinite": 3})

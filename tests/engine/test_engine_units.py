@@ -144,6 +144,10 @@ def test_flop_spec_of_audio_flamingo_includes_attention_terms(tiny_model):
     base = spec.per_batch(1, 10, 4)
     longer = spec.per_batch(1, 20, 4)
     assert longer > 2 * base  # attention grows quadratically in T
+    head = model.lang_encoder.get_output_embeddings()
+    assert spec.head_linear == (6.0 if head.weight.requires_grad else 4.0) * head.weight.numel() > 0
+    # supervised-only logits: the head runs on 3 of the 10 rows
+    assert spec.per_batch(1, 10, 4, head_rows=3) == pytest.approx(base - 7 * spec.head_linear)
 
 
 # ------------------------------------------------------------------ launcher discovery

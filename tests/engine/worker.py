@@ -101,6 +101,11 @@ def main(spec_path):
                     yield b
 
         loader = Signalling()
+    if spec.get("signal_before_trainer"):  # a SIGTERM during start-up, after the CLI's early handler
+        from megaflamingo.engine import stop
+
+        stop.install()
+        os.kill(os.getpid(), signal.SIGTERM)
     kill_at = spec.get("kill_at_step")
     trainer = Trainer(cfg, model, loader, valid, world, device, ds_config=ds)
     if kill_at and world.rank == 0:

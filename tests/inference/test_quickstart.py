@@ -29,6 +29,10 @@ def test_quickstart_learns(tmp_path, monkeypatch):
     assert list(Path(s["tensorboard_dir"]).rglob("events.out.tfevents.*"))
     assert (Path(s["checkpoint_dir"]) / "latest").is_file()
     assert (Path(s["export_dir"]) / "config.json").is_file()
+    # The trainer records the training data's encoder; the export carries it (inference needs no data).
+    rec = json.loads((Path(s["run_dir"]) / "encoder.json").read_text())
+    assert rec["encoder"]["name"] == "tiny" and len(rec["silence_embedding"]) == rec["encoder"]["embed_dim"]
+    assert json.loads((Path(s["export_dir"]) / "encoder.json").read_text()) == rec
     assert len(list(Path(s["split_dir"]).glob("*.safetensors"))) >= 2  # split into several parts
     preds = [json.loads(l) for l in Path(s["predictions"]).read_text().splitlines()]
     assert len(preds) == s["n_eval"] and all("prediction" in p for p in preds)

@@ -31,5 +31,6 @@ def test_zero3_two_process_equivalence(tmp_path):
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["partitioned_params"] > 0
     assert res["logits"] <= 1e-4 and res["loss"] <= 1e-5 and res["grads"] <= 1e-4, res
+    assert res["supervised_loss"] <= 1e-5, res
     assert res["generate_equal"] == [True, True], res
     assert res["generated_lengths"] == [13, 13], res  # rank 1 finished early but kept stepping (synced)

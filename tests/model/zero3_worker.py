@@ -1,7 +1,7 @@
 """torchrun --nproc_per_node 2 tests/model/zero3_worker.py OUT_JSON
 
 Builds the same tiny AudioFlamingo on every rank, records single-process logits / loss / trainable grads /
-greedy generation, then wraps it in DeepSpeed ZeRO-3 (gloo, CPU, fp32) and redoes all four with the
+greedy generation (and the supervised-positions loss), then wraps it in DeepSpeed ZeRO-3 (gloo, CPU, fp32) and redoes all four with the
 parameters partitioned across the 2 ranks. Rank 0 writes the max differences to OUT_JSON.
 """
 import json
@@ -57,6 +57,8 @@ def main():
         if p.requires_grad:
             g = safe_get_full_grad(p)
             gdiff = max(gdiff, float((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-3)))
+    with torch.no_grad():  # the supervised-positions loss through the engine: partitioned, tied lm_head
+        zsup = engine(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"], loss_logits="supervised")
     engine.module.eval()
     with torch.no_grad():
         zgen = engine.module.generate(gen_ids, None, b["audio_embeds"][:2], b["audio_mask"][:2], **gen_kw)
@@ -71,6 +73,7 @@ def main():
         "logits": float((zout.logits.detach() - ref_logits).abs().max()),
         "loss": abs(float(zout.loss.detach()) - float(ref_loss)),
         "grads": gdiff,
+        "supervised_loss": abs(float(zsup.loss) - float(ref_loss)),
         "generate_equal": [bool(f[0]) for f in all_flags],
         "generated_lengths": [int(f[1]) for f in all_flags],
         "partitioned_params": partitioned,
