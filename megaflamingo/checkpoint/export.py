@@ -129,7 +129,7 @@ def expected_shapes(cfg, tokenizer=None) -> dict[str, tuple]:
         ids, vocab = {"media": 0, "eoc": 1, "sep": 2, "pad": 0, "bos": 0, "eos": 0}, None
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(conf)
-        if vocab and lm.get_input_embeddings().num_embeddings < vocab:
+        if vocab and lm.get_input_embeddings().num_embeddings != vocab:  # as engine.build.build_lm
             lm.resize_token_embeddings(vocab)
         model = build_model(cfg.model, lm=lm, token_ids=ids)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -27,6 +27,8 @@ from megaflamingo.data.reader import DataError
 from megaflamingo.data.templates import TemplateRegistry
 
 STATE_VERSION = 1
+# Page-locked batches make the trainer's non_blocking host-to-GPU copies actually asynchronous.
+_PIN = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------------------- setup
@@ -215,7 +217,7 @@ class TrainLoader:
         if keys:
             loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collator,
                                 num_workers=self.num_workers, worker_init_fn=_worker_init if self.num_workers else None,
-                                persistent_workers=False)
+                                persistent_workers=False, pin_memory=_PIN)
             for batch in loader:
                 self.batch_in_epoch += 1
                 n_skip = int(batch.pop("num_skipped", 0))
@@ -321,7 +323,7 @@ class ValidLoader:
         if not keys:
             return
         loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collator, num_workers=self.num_workers,
-                            worker_init_fn=_worker_init if self.num_workers else None)
+                            worker_init_fn=_worker_init if self.num_workers else None, pin_memory=_PIN)
         for batch in loader:
             self.skipped += int(batch.pop("num_skipped", 0))
             if batch["input_ids"].shape[0]:

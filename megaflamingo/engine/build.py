@@ -65,7 +65,9 @@ def build_lm(cfg: Config, vocab_size: int, ds_config: Optional[dict]) -> nn.Modu
         lm = AutoModelForCausalLM.from_config(conf_obj, **kw)
     else:
         lm = AutoModelForCausalLM.from_pretrained(m.lm, cache_dir=m.cache_dir, dtype=torch.float32, **kw)
-    if lm.get_input_embeddings().num_embeddings < vocab_size:
+    # Exactly len(tokenizer) rows, as AF1 (resize_token_embeddings(len(text_tokenizer))): OPT ships
+    # 50272 rows, AF1's tokenizer has 50268 tokens, so AF1 checkpoints hold 50268-row embeddings.
+    if lm.get_input_embeddings().num_embeddings != vocab_size:
         lm.resize_token_embeddings(vocab_size)
     del hf_ds
     return lm

@@ -266,3 +266,18 @@ def test_init_from_af1_checkpoint_file(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="unexpected"):
         torch.save({"model_state_dict": {"lang_encoder.nonsense": torch.zeros(1)}}, tmp_path / "bad.pt")
         load_init_weights(dst, str(tmp_path / "bad.pt"), rank=0)
+
+
+def test_build_lm_sizes_embeddings_to_the_tokenizer_like_af1():
+    """AF1 resizes the LM to len(tokenizer) in both directions (OPT ships 50272 rows for 50268
+    tokens), so its checkpoints only load into an LM sized the same way."""
+    from megaflamingo.config import load_config
+    from megaflamingo.engine.build import build_lm
+    from megaflamingo.testing import tiny_lm_config_dict
+
+    for rows in (520, 500):
+        cfg = load_config()
+        cfg.model.lm_config = tiny_lm_config_dict("opt", vocab_size=rows)
+        lm = build_lm(cfg, 512, None)
+        assert lm.get_input_embeddings().num_embeddings == 512
+        assert lm.get_output_embeddings().weight.shape[0] == 512
