@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megaflamingo.audio.decode import AudioError
+
 from . import metrics as M
 from .prompts import ANSWER_SUFFIX, multi_audio_prompt
 from .runner import Query, Runner
@@ -114,15 +116,20 @@ def run_batch(
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="clip", desc="infer", dynamic_ncols=True)
     with open(out, "a", encoding="utf-8") as f:
         for lo in range(0, len(todo), batch_size):
-            chunk = todo[lo:lo + batch_size]
-            queries = []
-            for it in chunk:
+            chunk, queries = [], []
+            for it in todo[lo:lo + batch_size]:
                 prompt = prompt_override or it.prompt
                 if not prompt:
                     raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
-                windows = it.windows if it.windows is not None else embed(it)
+                try:
+                    windows = it.windows if it.windows is not None else embed(it)
+                except AudioError as e:
+                    # A bad file is reported in the output (so a resumed run skips it too), not fatal.
+                    f.write(json.dumps({"id": it.id, "path": it.path, "error": str(e)}, ensure_ascii=False) + "\n")
+                    continue
+                chunk.append(it)
                 queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, prefix, suffix), [windows], id=it.id))
-            answers = runner.answer(queries)
+            answers = runner.answer(queries) if queries else []
             for it, q, ans in zip(chunk, queries, answers):
                 rec = {"id": it.id, "path": it.path, "prompt": prompt_override or it.prompt, "prediction": ans}
                 if it.output is not None:
@@ -133,7 +140,7 @@ def run_batch(
             f.flush()
             os.fsync(f.fileno())
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(len(todo[lo:lo + batch_size]))
     if bar is not None:
         bar.close()
     return M.summarize(iter_records(out), labels=labels)

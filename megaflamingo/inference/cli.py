@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     # batch
     p.add_argument("--manifest", help="manifest (JSONL / AF1 JSON) or preprocessed split dir")
     p.add_argument("--data-root", help="root of the manifest's audio paths")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths outside --data-root (absolute or ../); refused by default")
     p.add_argument("--out", help="predictions JSONL (batch) / answers JSON (dialogue)")
     p.add_argument("--metrics-out", help="write the batch metrics JSON here too")
     p.add_argument("--batch-size", type=int, default=8)
@@ -227,7 +229,7 @@ def _batch(a, loaded, settings, lazy) -> int:
         def embed(it):
             from megaflamingo.audio.decode import resolve_in_root
 
-            return lazy.embed(resolve_in_root(root, it.path), it.start)
+            return lazy.embed(resolve_in_root(root, it.path, a.allow_outside_root), it.start)
     if a.limit is not None:
         items = items[:a.limit]
     runner = Runner(loaded, settings)

@@ -100,8 +100,11 @@ def summarize(records: Iterable[dict], labels: Sequence[str] | None = None) -> d
     contains 'Classification') count as classification; the rest as captions/free text."""
     cls_p, cls_r, cap_p, cap_r = [], [], [], []
     label_set = {normalize_label(x) for x in labels} if labels else None
-    n = 0
+    n = failed = 0
     for rec in records:
+        if "error" in rec:
+            failed += 1
+            continue
         ref = rec.get("output")
         if ref is None:
             continue
@@ -114,7 +117,7 @@ def summarize(records: Iterable[dict], labels: Sequence[str] | None = None) -> d
         else:
             cap_p.append(rec.get("prediction", ""))
             cap_r.append(ref)
-    out: dict = {"n_with_reference": n}
+    out: dict = {"n_with_reference": n, "n_failed": failed}
     if cls_r:
         out.update(n_classification=len(cls_r), accuracy=accuracy(cls_p, cls_r),
                    macro_f1=macro_f1(cls_p, cls_r))

@@ -151,6 +151,36 @@ def test_batch_inference_resumes(trained, tmp_path, capsys):
     assert main(base) == 0 and out.read_text().splitlines() == lines
 
 
+def test_batch_skips_bad_audio_and_guards_the_data_root(trained, tmp_path, capsys):
+    """A corrupt file or a path escaping --data-root is reported in the output and skipped (the run
+    goes on); --allow-outside-root is the user's opt-in for the latter."""
+    import shutil
+
+    rows = _test_rows(trained)[:2]
+    root = tmp_path / "root"
+    (root / "clips").mkdir(parents=True)
+    shutil.copy(trained["data"] / rows[0]["name"], root / "clips" / "good.wav")
+    (root / "clips" / "broken.wav").write_bytes(b"RIFF" + b"\x00" * 20000)
+    shutil.copy(trained["data"] / rows[1]["name"], tmp_path / "outside.wav")
+    manifest = tmp_path / "m.jsonl"
+    items = [("good", "clips/good.wav", rows[0]), ("broken", "clips/broken.wav", rows[0]),
+             ("out", "../outside.wav", rows[1])]
+    manifest.write_text("".join(json.dumps({"id": i, "name": path, "prompt": r["prompt"], "output": r["output"],
+                                            "task": r.get("task", "")}) + "\n" for i, path, r in items))
+
+    def run(out, *extra):
+        assert main(["--model", str(trained["model"]), "--manifest", str(manifest), "--data-root", str(root),
+                     "--out", str(out), "--no-progress", "--max-new-tokens", "8", *extra]) == 0
+        capsys.readouterr()
+        return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    got = run(tmp_path / "a.jsonl")
+    assert set(got) == {"good", "broken", "out"} and "prediction" in got["good"]
+    assert "error" in got["broken"] and "error" in got["out"] and "outside_data_root" in got["out"]["error"]
+    allowed = run(tmp_path / "b.jsonl", "--allow-outside-root")
+    assert "prediction" in allowed["out"] and "error" in allowed["broken"]
+
+
 def test_batch_from_preprocessed_split(trained, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
     assert main(["--model", str(trained["model"]), "--manifest", str(trained["arrow"] / DS / "test"),
