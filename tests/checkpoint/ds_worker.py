@@ -36,6 +36,11 @@ class Tiny(nn.Module):
 def main():
     import deepspeed
 
+    from megaflamingo.engine.distributed import disable_cpu_shm_comm
+
+    # As the trainer: gloo only. DeepSpeed's CPU shm op is JIT-built under a lock file that a killed
+    # build leaves behind, after which every DeepSpeed start waits on it forever.
+    disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     for item in sys.argv[2].split(","):
         stage, _, dtype = item.partition(":")

@@ -19,6 +19,11 @@ def main():
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
+    from megaflamingo.engine.distributed import disable_cpu_shm_comm
+
+    # As the trainer: gloo only. DeepSpeed's CPU shm op is JIT-built under a lock file that a killed
+    # build leaves behind, after which every DeepSpeed start waits on it forever.
+    disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     model = build("llama").train()
