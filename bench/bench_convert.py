@@ -197,7 +197,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=0.1, help="fraction of AF1's 24 decoder layers (1.0 = full)")
-    ap.add_argument("--workdir", default="/tmp/mf-bench-convert")
+    ap.add_argument("--workdir", default="runs/bench-convert")
     ap.add_argument("--part-size", default=None, help="split limit (default: total/4, like AF1's 5 parts)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="runs per step (the fastest is reported)")
