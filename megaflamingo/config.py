@@ -121,7 +121,8 @@ class DataConfig:
     num_workers: int = 4
     # Sort-ish batching by token length to cut padding (not in AF1).
     group_by_length: bool = False
-    # Allow manifest/audio paths outside the data root (off: a path escaping the root is refused).
+    # Let blend/valid names and kNN manifests reach dataset directories outside data_root (off: an
+    # absolute or `..` path that escapes the root is refused, naming this field).
     allow_outside_root: bool = False
     # User-defined prompt templates / augmentations, merged into the built-in registry.
     templates: dict[str, Any] = field(default_factory=dict)

@@ -22,7 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from megaflamingo.data.reader import ArrowDataset, BlendName, DataError, KnnManifest, parse_blend_name
+from megaflamingo.data.reader import (ArrowDataset, BlendName, DataError, KnnManifest, inside_root,
+                                      parse_blend_name)
 from megaflamingo.data.templates import TemplateRegistry
 
 MEDIA = "<audio>"
@@ -49,11 +50,12 @@ class Item:
 class Source:
     """One blend/valid entry: a split directory, read directly or through its kNN manifest."""
 
-    def __init__(self, data_root: str | Path, name: str, datasets: Optional[dict] = None):
+    def __init__(self, data_root: str | Path, name: str, datasets: Optional[dict] = None,
+                 allow_outside_root: bool = False):
         self.bn: BlendName = parse_blend_name(name)
         self.name = name
         cache = datasets if datasets is not None else {}
-        directory = Path(data_root) / self.bn.split_dir
+        directory = inside_root(data_root, self.bn.split_dir, allow_outside_root, what=f"{name}: dataset directory")
         if not directory.is_dir():
             raise DataError(f"{name}: dataset directory {directory} does not exist")
         key = str(directory.resolve())
@@ -62,7 +64,8 @@ class Source:
         self.ds: ArrowDataset = cache[key]
         self.knn: Optional[KnnManifest] = None
         if self.bn.interleaved:
-            self.knn = KnnManifest(self.ds, self.bn.manifest_file, cache)
+            self.knn = KnnManifest(self.ds, self.bn.manifest_file, cache,
+                                   data_root=None if allow_outside_root else data_root)
         if len(self) == 0:
             raise DataError(f"{name}: {'kNN manifest' if self.knn else 'dataset'} "
                             f"{self.knn.path if self.knn else directory} has no rows")

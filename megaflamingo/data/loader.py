@@ -57,7 +57,7 @@ def _open_sources(data_cfg: DataConfig, names: list[str], what: str) -> list[Sou
     out = []
     for name in names:
         try:
-            out.append(Source(root, name, cache))
+            out.append(Source(root, name, cache, allow_outside_root=data_cfg.allow_outside_root))
         except DataError as e:
             raise DataError(f"{what} entry {name!r}: {e}") from None
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,17 @@ class BlendName:
     @property
     def manifest_file(self) -> str:
         return f"interleaved_{self.interleaved}.arrow"
+
+
+def inside_root(data_root: str | Path, rel: str | Path, allow_outside: bool, what: str) -> Path:
+    """``data_root/rel``, refused when it leaves the root (absolute or ``..``), unless the user set
+    ``data.allow_outside_root``. Checked lexically so datasets symlinked into the root still work."""
+    root = os.path.normpath(os.path.abspath(data_root))
+    full = os.path.normpath(os.path.join(root, rel))
+    if not allow_outside and full != root and not full.startswith(root + os.sep):
+        raise DataError(f"{what} {full} is outside data.data_root {root} "
+                        "(set data.allow_outside_root: true to allow it)")
+    return Path(full)
 
 
 def parse_blend_name(name: str) -> BlendName:
@@ -216,7 +228,9 @@ class KnnManifest:
     """``interleaved_knn.arrow`` of a split: per manifest row, the query row index in this split and
     the train-split rows to present before it. Checked against both datasets when opened."""
 
-    def __init__(self, split: ArrowDataset, file_name: str = af.KNN_FILE, datasets: Optional[dict] = None):
+    def __init__(self, split: ArrowDataset, file_name: str = af.KNN_FILE, datasets: Optional[dict] = None,
+                 data_root: Optional[str | Path] = None):
+        """``data_root``: when given, the train split the manifest names must lie inside it."""
         self.path = split.directory / file_name
         if not self.path.is_file():
             raise DataError(f"kNN manifest {self.path} does not exist (run `megaflamingo-preprocess knn`"
@@ -241,6 +255,8 @@ class KnnManifest:
         self.offsets = nb.offsets.to_numpy().astype(np.int64)
         self.values = nb.values.to_numpy(zero_copy_only=False).astype(np.int64)
         self.split = split
+        if data_root is not None:
+            inside_root(data_root, split.directory / train_rel, False, what=f"{self.path}: its train split")
         self.train_dir = (split.directory / train_rel).resolve()
         cache = datasets if datasets is not None else {}
         cache.setdefault(str(split.directory.resolve()), split)

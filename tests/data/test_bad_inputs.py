@@ -42,6 +42,30 @@ def test_missing_and_bad_knn_manifest(tmp_path, tiny_tok, tiny_token_ids):
         _build(tmp_path, ["A-AQA/interleaved_knn-train"], tiny_tok, tiny_token_ids)
 
 
+def test_dataset_outside_data_root_needs_opt_in(tmp_path, tiny_tok, tiny_token_ids):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    make_split(root, "A-AQA/train", 4)
+    make_split(elsewhere, "B-AQA/train", 4, seed=1)
+    escaping = ["../elsewhere/B-AQA/train", str(elsewhere / "B-AQA" / "train")]
+    for name in escaping:
+        with pytest.raises(DataError, match=r"outside data.data_root.*data.allow_outside_root"):
+            _build(root, ["A-AQA/train", name], tiny_tok, tiny_token_ids)
+        cfg = DataConfig(data_root=str(root), num_workers=0, allow_outside_root=True,
+                         blend={"A-AQA/train": DatasetEntry(), name: DatasetEntry()})
+        loader = build_train_loader(cfg, tiny_tok, tiny_token_ids, 0, 1, 0, batch_size=2, model_cfg=MODEL)
+        assert {d for b in loader for d in b["dataset"]} == {"A-AQA/train", name}
+
+    # A kNN manifest whose train split lies outside the root is refused the same way.
+    q = make_split(root, "C-AQA/val", 2, seed=2)
+    make_knn(q, [0, 1], [[1], [2]], train_dir="../../../elsewhere/B-AQA/train")
+    with pytest.raises(DataError, match=r"its train split .*outside data.data_root"):
+        _build(root, ["C-AQA/interleaved_knn-val"], tiny_tok, tiny_token_ids)
+    cfg = DataConfig(data_root=str(root), num_workers=0, allow_outside_root=True,
+                     blend={"C-AQA/interleaved_knn-val": DatasetEntry()})
+    assert len(build_train_loader(cfg, tiny_tok, tiny_token_ids, 0, 1, 0, batch_size=2, model_cfg=MODEL)) > 0
+
+
 def test_mixed_encoders_in_one_blend(tmp_path, tiny_tok, tiny_token_ids):
     make_split(tmp_path, "A-AQA/train", 3)
     make_split(tmp_path, "B-AQA/train", 3, encoder=encoder_meta(name="clapcap", sha="zzz"))
