@@ -8,6 +8,9 @@ Layout under ``<run_dir>/checkpoints/``::
     step-00000100-universal/      made on demand when resuming on another world size
     latest                        name of the newest COMPLETE tag (temp file + rename)
 
+Every rank fsyncs the files it wrote before the barrier that precedes the marker, so after a power
+loss the marker (and ``latest``) can only name a tag whose shards are on disk.
+
 DeepSpeed's own ``latest`` is disabled (``save_latest=False``): it would be written before the other
 ranks finished their shards. Ours is written by rank 0 after a barrier and the marker, so a crash at
 any moment leaves ``latest`` on the previous complete checkpoint.
@@ -37,6 +40,36 @@ _TAG = re.compile(r"^step-(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
+
+
+# Which rank wrote a file of a tag dir: DeepSpeed names shards ``..._pp_rank_<R>_...`` (data-parallel
+# rank == global rank here, there is no model parallelism), ours ``megaflamingo_rank<R>.pt``;
+# anything else (``mp_rank_00_model_states.pt`` below ZeRO-3) is rank 0's.
+_OWNER = re.compile(r"(?:pp_rank_|megaflamingo_rank)(\d+)")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_own_files(tag_dir: Path, rank: int) -> list[Path]:
+    """Flush the files this rank wrote into ``tag_dir`` (the writer's cache is the one that counts on
+    network filesystems), so the completion marker can never reach the disk before a shard does.
+    Rank 0 also flushes the directory entries. Returns the files flushed."""
+    mine = []
+    for f in sorted(tag_dir.rglob("*")):
+        m = _OWNER.search(f.name)
+        if f.is_file() and (int(m.group(1)) if m else 0) == rank:
+            _fsync_path(f)
+            mine.append(f)
+    if rank == 0:
+        for d in [tag_dir, *sorted(p for p in tag_dir.rglob("*") if p.is_dir())]:
+            _fsync_path(d)
+    return mine
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -113,10 +146,12 @@ class CheckpointManager:
         tag_dir.mkdir(parents=True, exist_ok=True)
         state = dict(rank_state, rng=rng_state())
         torch.save(state, tag_dir / f"megaflamingo_rank{self.rank}.pt")
+        fsync_own_files(tag_dir, self.rank)
         barrier()  # every rank's shards and state are on disk
         if self.rank == 0:
             _atomic_text(tag_dir / MARKER, json.dumps(dict(meta, step=step, world_size=self.world_size), indent=2))
             _atomic_text(self.dir / LATEST, tag)
+            _fsync_path(self.dir)  # the renames of the marker and `latest`
             self._prune(keep=tag)
         barrier()
         return tag_dir

@@ -1,6 +1,7 @@
 """Fast, single-process unit tests of the engine pieces (no process group)."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,33 @@ def test_latest_only_points_to_complete_checkpoints_and_keep_last(tmp_path):
     assert st["loader"] == {"pos": 30}
     meta = json.loads((tmp_path / "checkpoints" / "step-00000030" / "megaflamingo.json").read_text())
     assert meta["step"] == 30 and meta["world_size"] == 1
+
+
+def test_shards_are_fsynced_before_the_marker(tmp_path, monkeypatch):
+    synced = []
+
+    def record(path):
+        marker = tmp_path / "checkpoints" / "step-00000010" / ck.MARKER
+        synced.append((Path(path).name, marker.exists()))
+
+    monkeypatch.setattr(ck, "_fsync_path", record)
+    ck.CheckpointManager(tmp_path, rank=0, world_size=1, keep_last=2).save(FakeEngine(), 10, {}, {})
+    before_marker = {name for name, marker_there in synced if not marker_there}
+    assert {"shard.pt", "megaflamingo_rank0.pt", "step-00000010"} <= before_marker
+    assert ("checkpoints", True) in synced  # the directory holding `latest`, after the renames
+
+
+def test_each_rank_fsyncs_only_its_own_files(tmp_path, monkeypatch):
+    names = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_12_mp_rank_00_optim_states.pt",
+             "mp_rank_00_model_states.pt", "megaflamingo_rank1.pt", "megaflamingo_rank0.pt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    monkeypatch.setattr(ck, "_fsync_path", lambda p: None)
+    got = {r: sorted(f.name for f in ck.fsync_own_files(tmp_path, r)) for r in (0, 1, 12)}
+    assert got[0] == sorted([names[0], names[4], names[6]])
+    assert got[1] == sorted([names[1], names[2], names[5]])
+    assert got[12] == [names[3]]
 
 
 def test_rng_state_roundtrip_weights_only(tmp_path):
