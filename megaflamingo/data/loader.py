@@ -338,10 +338,23 @@ def valid_settings(blend: Mapping[str, DatasetEntry], flamingo_task: str, name: 
         warnings.warn(f"data.valid {name!r}: no '{flamingo_task}/train' entry in data.blend to borrow "
                       "augmentations from; using do_nothing", stacklevel=3)
         return {"do_nothing": 1.0}, 1.0
+    return _eval_augmentations(entry), 1.0
+
+
+def _eval_augmentations(entry: DatasetEntry) -> dict:
     augs = dict(entry.augmentations)
-    if "provide_all_labels" in augs:
-        augs = {"provide_all_labels": 1.0}
-    return augs, 1.0
+    return {"provide_all_labels": 1.0} if "provide_all_labels" in augs else augs
+
+
+def inference_settings(blend: Mapping[str, DatasetEntry], flamingo_task: str) -> tuple[dict, float]:
+    """Augmentations and prefix probability for prompting a trained model on ``flamingo_task``:
+    validation's augmentations, and the prefix when training mostly showed it (prefix_prob >= 0.5;
+    AF1's validation always added it, which a model trained with prefix_prob 0 never saw). A task
+    absent from the blend (zero-shot) is prompted as given, with its prefix."""
+    entry = _entry_for_task(blend, flamingo_task, None)
+    if entry is None:
+        return {"do_nothing": 1.0}, 1.0
+    return _eval_augmentations(entry), (1.0 if entry.prefix_prob >= 0.5 else 0.0)
 
 
 def build_valid_loaders(data_cfg, tokenizer, token_ids: Mapping[str, int], rank: int = 0, world_size: int = 1,

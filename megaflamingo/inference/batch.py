@@ -4,8 +4,14 @@ Inputs: a raw manifest (AF1 JSON / JSON list / JSONL, audio under ``--data-root`
 computed in-process with the model's encoder), or a preprocessed split directory (its stored window
 embeddings are used; its encoder must be the model's).
 
-Output: one JSON object per line ``{id, path, prompt, prediction, output?, task?}``, flushed after
-every batch. A rerun skips ids already in the file (a torn last line from a killed run is dropped),
+Prompts take the form the model's training gave their task: an item with a task (a preprocessed
+split's ``task`` column, or a manifest's dataset and task) is rendered with the training blend's
+augmentations as validation renders them (e.g. mtg-jamendo's fixed question) and gets the task
+prefix where training showed it, so predictions are scored against the answer form training taught. ``prefix`` (``--prefix``) replaces
+the task prefix for every item; ``prompt_override`` (``--prompt``) is used as given.
+
+Output: one JSON object per line ``{id, path, prompt, prediction, output?, task?}`` (``output``: the
+reference in its trained form), flushed after every batch. A rerun skips ids already in the file (a torn last line from a killed run is dropped),
 so ``--out`` doubles as the resume state. Metrics are computed over the whole file at the end.
 """
 from __future__ import annotations
@@ -59,17 +65,33 @@ def read_done(out: Path) -> set[str]:
     return done
 
 
+def eval_text(it: Item, form=None, prefix: Optional[str] = None,
+              prompt_override: Optional[str] = None) -> tuple[str, str, Optional[str]]:
+    """(prefix, prompt, reference) for ``it`` in the form the model's training gave its task
+    (``form``: ``prompts.TrainingForm``); ``prefix`` replaces the task's, ``prompt_override`` the prompt."""
+    prompt = prompt_override or it.prompt
+    if not prompt:
+        raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
+    if form is None or not it.task:
+        return prefix or "", prompt, it.output
+    task_pre, trained_prompt, ref = form.render(it.task, it.path, prompt, it.output)
+    # --prompt is the user's question as typed; the reference still takes its trained form
+    return (task_pre if prefix is None else prefix), (prompt if prompt_override else trained_prompt), ref
+
+
 def items_from_manifest(path: str | os.PathLike, data_root: Optional[str]) -> tuple[list[Item], Optional[str]]:
     from megaflamingo.data.manifests import read_manifest
 
     man = read_manifest(path, data_root)
+    # AF1's flamingo task "<dataset>-<Task>", the key of the training templates
+    task = f"{man.dataset}-{man.task}" if man.dataset and man.task else man.task
     items = []
     for it in man.items:
         if it.dialogue is not None and it.prompt is None:
             raise ValueError(f"{path}: item {it.index} is a dialogue; use --chat --dialogue for chat data")
         items.append(Item(id=it.id or f"{it.index}", path=it.path, prompt=it.prompt, output=it.output,
-                          task=man.task, start=it.start))
-    return items, man.task
+                          task=task, start=it.start))
+    return items, task
 
 
 def items_from_split(split_dir: str | os.PathLike) -> tuple[list[Item], dict, Optional[str]]:
@@ -95,12 +117,16 @@ def run_batch(
     embed: Optional[Callable[[Item], np.ndarray]] = None,
     batch_size: int = 8,
     prompt_override: Optional[str] = None,
-    prefix: str = "",
+    prefix: Optional[str] = None,
     progress: bool = True,
     labels: Optional[Sequence[str]] = None,
     suffix: str = ANSWER_SUFFIX,
+    form=None,
 ) -> dict:
-    """Answer every item not yet in ``out``; return metrics over the whole file."""
+    """Answer every item not yet in ``out``; return metrics over the whole file.
+
+    ``form``: how the model's training rendered each task (``prompts.TrainingForm.of(config)``);
+    without it items are prompted as given, with ``prefix`` (default none)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ids = [it.id for it in items]
@@ -116,11 +142,9 @@ def run_batch(
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="clip", desc="infer", dynamic_ncols=True)
     with open(out, "a", encoding="utf-8") as f:
         for lo in range(0, len(todo), batch_size):
-            chunk, queries = [], []
+            chunk, queries, refs = [], [], []
             for it in todo[lo:lo + batch_size]:
-                prompt = prompt_override or it.prompt
-                if not prompt:
-                    raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
+                pre, prompt, ref = eval_text(it, form, prefix, prompt_override)
                 try:
                     windows = it.windows if it.windows is not None else embed(it)
                 except AudioError as e:
@@ -128,12 +152,13 @@ def run_batch(
                     f.write(json.dumps({"id": it.id, "path": it.path, "error": str(e)}, ensure_ascii=False) + "\n")
                     continue
                 chunk.append(it)
-                queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, prefix, suffix), [windows], id=it.id))
+                refs.append(ref)
+                queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, pre, suffix), [windows], id=it.id))
             answers = runner.answer(queries) if queries else []
-            for it, q, ans in zip(chunk, queries, answers):
+            for it, ref, ans in zip(chunk, refs, answers):
                 rec = {"id": it.id, "path": it.path, "prompt": prompt_override or it.prompt, "prediction": ans}
-                if it.output is not None:
-                    rec["output"] = it.output
+                if ref is not None:
+                    rec["output"] = ref
                 if it.task:
                     rec["task"] = it.task
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -5,6 +5,11 @@
     megaflamingo-infer --model DIR --chat --dialogue talk.json --out answers.json
     megaflamingo-infer --model DIR --audio a.wav --prompt "..." --icl-from DATA/<ds>-<task>/train --k 8
     megaflamingo-infer --model DIR --manifest test.jsonl --data-root DATA --out predictions.jsonl
+    megaflamingo-infer --model DIR --audio a.wav --prompt "..." --task AudioSet-EventClassification
+
+Prompts take the form training gave their task (prefix "The task is event classification. " where
+training showed it): from --task, the --icl-from split's task, or each batch item's task; --prefix
+TEXT replaces the prefix.
 
 --model takes an exported model directory, a DeepSpeed run/checkpoint directory, or an AF1
 checkpoint (.pt or its parts; with --config).
@@ -12,6 +17,7 @@ checkpoint (.pt or its parts; with --config).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     # single / multi audio
     p.add_argument("--audio", action="append", default=[], help="audio file (repeat for several)")
     p.add_argument("--prompt", help="the question/instruction (AF1 style, e.g. 'describe this sound.')")
-    p.add_argument("--prefix", default="", help="task prefix, e.g. 'The task is event classification.'")
+    p.add_argument("--task", help="prompt as training did for this task, AF1 style '<dataset>-<Task>' (e.g. "
+                   "'AudioSet-EventClassification' -> prefix 'The task is event classification. ' if its "
+                   "blend entry had prefix_prob >= 0.5 or it is not in the blend); default: none for --audio, "
+                   "the split's task for --icl-from, each item's own task for --manifest")
+    p.add_argument("--prefix", default=None, help="literal prefix instead of the task's (e.g. '' for none)")
     # chat
     p.add_argument("--chat", action="store_true", help="multi-turn chat (interactive, or --dialogue FILE)")
     p.add_argument("--dialogue", help="JSON dialogue file (with --chat): answers every user turn")
@@ -109,7 +119,7 @@ def run(a) -> int:
     from .prompts import answer_suffix, multi_audio_prompt
     from .runner import Query
 
-    text = multi_audio_prompt(loaded.tokenizer, a.prompt, len(windows), a.prefix, answer_suffix(loaded.config))
+    text = multi_audio_prompt(loaded.tokenizer, a.prompt, len(windows), _prefix(a, loaded), answer_suffix(loaded.config))
     answer = runner.answer([Query(text, windows)])[0]
     _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer}, answer)
     return 0
@@ -140,6 +150,15 @@ def _with_silence(loaded, lazy):
     if loaded.encoder.get("silence_embedding") is None:
         loaded.encoder["silence_embedding"] = lazy.get().silence.tolist()
     return loaded
+
+
+def _prefix(a, loaded, default_task=None) -> str:
+    """--prefix as given, else the prefix training gave --task (or ``default_task``)."""
+    from .prompts import TrainingForm
+
+    if a.prefix is not None:
+        return a.prefix
+    return TrainingForm.of(loaded.config).prefix(a.task or default_task)
 
 
 def _emit(a, obj, text):
@@ -175,7 +194,9 @@ def _icl(a, loaded, runner, windows) -> int:
     same_file = [p for p in set(index.paths) if query.endswith("/" + p.lstrip("/"))]
     neigh = index.neighbours(key, a.k - 1, exclude_paths=same_file)
     examples, ex_windows = build_examples(neigh)
-    text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, a.prefix, suffix=answer_suffix(loaded.config))
+    split_task = "-".join(index.meta[k] for k in ("dataset", "task") if index.meta.get(k)) or None
+    text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, _prefix(a, loaded, split_task),
+                          suffix=answer_suffix(loaded.config))
     answer = runner.answer([Query(text, ex_windows + windows)])[0]
     _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer,
               "examples": [{"id": n.id, "output": n.output, "distance": n.distance} for n in neigh]}, answer)
@@ -232,11 +253,14 @@ def _batch(a, loaded, settings, lazy) -> int:
             return lazy.embed(resolve_in_root(root, it.path, a.allow_outside_root), it.start)
     if a.limit is not None:
         items = items[:a.limit]
+    if a.task:  # the user names the task for a manifest that lacks one (or to override it)
+        items = [dataclasses.replace(it, task=a.task) for it in items]
     runner = Runner(loaded, settings)
-    from .prompts import answer_suffix
+    from .prompts import TrainingForm, answer_suffix
 
     metrics = run_batch(runner, items, a.out, embed=embed, batch_size=a.batch_size, prompt_override=a.prompt,
-                        prefix=a.prefix, progress=not a.no_progress, suffix=answer_suffix(loaded.config))
+                        prefix=a.prefix, progress=not a.no_progress, suffix=answer_suffix(loaded.config),
+                        form=TrainingForm.of(loaded.config))
     metrics["predictions"] = str(a.out)
     if a.metrics_out:
         Path(a.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -25,15 +25,47 @@ CHAT_PREFIX = "The task is dialog. "
 ANSWER_SUFFIX = "\nAnswer:"
 
 
+def templates_of(config=None):
+    """The template registry the model's training data used (built-ins plus ``data.templates``)."""
+    from megaflamingo.data.templates import TemplateRegistry
+
+    return TemplateRegistry.from_config(getattr(getattr(config, "data", None), "templates", None))
+
+
+@dataclass
+class TrainingForm:
+    """How the model's training data rendered a task: its templates plus the blend's settings
+    (``megaflamingo.data.loader.inference_settings``), so prompts reach the model in the form it
+    learned (prefix only where training showed it, a task's fixed question, its answer spelling)."""
+
+    registry: object  # megaflamingo.data.templates.TemplateRegistry
+    blend: dict
+
+    @classmethod
+    def of(cls, config=None) -> "TrainingForm":
+        return cls(templates_of(config), dict(getattr(getattr(config, "data", None), "blend", None) or {}))
+
+    def prefix(self, task: Optional[str]) -> str:
+        from megaflamingo.data.loader import inference_settings
+
+        if not task:
+            return ""
+        _, prefix_prob = inference_settings(self.blend, task)
+        return self.registry.prefix(f"{task}/train") if prefix_prob else ""
+
+    def render(self, task: str, path: str, prompt: str, output: Optional[str]) -> tuple[str, str, Optional[str]]:
+        """(prefix, prompt + suffix, output) of one item, as validation renders it (per-item seed)."""
+        from megaflamingo.data.loader import inference_settings
+
+        augs, _ = inference_settings(self.blend, task)
+        aug = self.registry.augment(path=path, prompt=clean(prompt), output=clean(output), task=f"{task}/train",
+                                    split="val", augmentations=augs, prefix_prob=1.0)
+        return self.prefix(task), aug.prompt, (None if output is None else aug.output)
+
+
 def answer_suffix(config=None) -> str:
     """The suffix the model's training data used (the config's template override, else AF1's)."""
-    try:
-        from megaflamingo.data.templates import TemplateRegistry
-
-        templates = getattr(getattr(config, "data", None), "templates", None)
-        return TemplateRegistry.from_config(templates).suffix
-    except ImportError:  # pragma: no cover - the data package is part of the install
-        return ANSWER_SUFFIX
+    return templates_of(config).suffix
 
 
 def question(prompt: str, suffix: str = ANSWER_SUFFIX) -> str:
@@ -60,12 +92,16 @@ def clean(text: Optional[str]) -> str:
     return (text or "").strip().lower()
 
 
-def task_prefix(task: Optional[str]) -> str:
-    """``'EventClassification'`` -> ``'The task is event classification. '`` (AF1's ``add_prefix``)."""
+def task_prefix(task: Optional[str], registry=None) -> str:
+    """The prefix training put before a task's samples: ``'EventClassification'`` or
+    ``'AudioSet-EventClassification'`` -> ``'The task is event classification. '``, with the data
+    pipeline's renames (``AQA`` -> audio question answering, music captioning for MusicCaps, ...)
+    and the config's own ``data.templates.prefixes``."""
     if not task:
         return ""
-    words = "".join(" " + c if c.isupper() else c for c in task).strip().lower()
-    return f"The task is {words}. "
+    if registry is None:
+        registry = templates_of(None)
+    return registry.prefix(f"{task}/train")
 
 
 def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX) -> str:

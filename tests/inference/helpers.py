@@ -68,7 +68,10 @@ def _train(arrow, out, embed_dim, fewshot, steps, batch, seed):
     from megaflamingo.inference.prompts import single_prompt
     from megaflamingo.model import apply_freeze_policy
 
-    cfg = load_config(None, model_config_overrides(embed_dim, fewshot))
+    # The config records what the loop below trains on (prompts as given, no task prefix), so
+    # inference prompts the model in that form.
+    blend = {f"{DS}/train": {"prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}}
+    cfg = load_config(None, model_config_overrides(embed_dim, fewshot) + [f"data.blend={json.dumps(blend)}"])
     tok = build_tokenizer(cfg)
     model, ids = build_from_config(cfg, tok)
     apply_freeze_policy(model, "pretrain")

@@ -92,3 +92,40 @@ def test_read_done_drops_a_torn_tail(tmp_path):
     p.write_text(good[0] + "\nnot json\n" + good[1] + "\n")
     with pytest.raises(ValueError, match="line 2"):
         read_done(p)
+
+
+def test_task_prefix_follows_the_data_pipelines_renames():
+    assert task_prefix("EventClassification") == "The task is event classification. "
+    assert task_prefix("AudioSet-EventClassification") == "The task is event classification. "
+    assert task_prefix("Clotho-AQA-AQA") == "The task is audio question answering. "
+    assert task_prefix(None) == ""
+
+
+def _form(blend):
+    from megaflamingo.config import DatasetEntry
+    from megaflamingo.inference.prompts import TrainingForm, templates_of
+
+    return TrainingForm(templates_of(None), {k: DatasetEntry(**v) for k, v in blend.items()})
+
+
+def test_batch_items_take_the_form_training_gave_their_task():
+    from megaflamingo.inference.batch import Item, eval_text
+
+    jam = Item(id="1", path="a.wav", prompt="What genre?", output="Rock; Pop", task="mtg-jamendo-MusicTagging")
+    # Trained with the default rewrite and the prefix: the fixed question, the trained answer spelling.
+    form = _form({"mtg-jamendo-MusicTagging/train": {"prefix_prob": 1.0, "augmentations": {"default": 1.0}}})
+    pre, prompt, ref = eval_text(jam, form)
+    assert pre == "The task is music tagging. "
+    assert prompt == "what are the genres, instruments, and mood/theme of the music?\nAnswer:"
+    assert ref == "rock. pop"
+    # --prefix replaces the task's; --prompt is kept as typed while the reference stays trained.
+    assert eval_text(jam, form, prefix="") == ("", prompt, ref)
+    assert eval_text(jam, form, prompt_override="Tags?") == (pre, "Tags?", ref)
+    # Trained as given without prefix (the quickstart's blend): prompted exactly so.
+    plain = _form({"mtg-jamendo-MusicTagging/train": {"prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}})
+    assert eval_text(jam, plain) == ("", "what genre?\nAnswer:", "rock; pop")
+    # A task the blend never saw (zero-shot): its prefix, the prompt as given.
+    other = Item(id="2", path="b.wav", prompt="Is it a dog?", output="Yes", task="Clotho-AQA-AQA")
+    assert eval_text(other, form) == ("The task is audio question answering. ", "is it a dog?\nAnswer:", "yes")
+    # No form / no task: untouched.
+    assert eval_text(jam, None) == ("", "What genre?", "Rock; Pop")
