@@ -95,40 +95,86 @@ def build_flamingo(cfg: Config, lm: nn.Module, token_ids: dict, ds_config: Optio
 def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
     """Initialise from a previous stage: a DeepSpeed checkpoint dir (ours), a consolidated state-dict
     file (.pt/.pth/.bin/.safetensors: ours or AF1's, through compat.af1's key mapping), or a dir
-    holding one. Works on ZeRO-3 partitioned parameters (gathered one at a time, rank 0 writes)."""
-    from megaflamingo.compat.af1 import _canonical_key, _layers_prefix
+    holding one.
 
-    p = Path(path)
-    sd = _read_state_dict(p)
-    prefix = _layers_prefix(model)
-    sd = {_canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
+    Only rank 0 reads the checkpoint: an AF1-size one is ~9 GB, a 7B LM's far more, and every rank of
+    a node holding a copy would exhaust host memory. The other ranks learn its keys and shapes (one
+    broadcast) so all run the same collectives; ZeRO-3 parameters are gathered one at a time with
+    rank 0 writing, the others get rank 0's tensors by broadcast. A checkpoint error on rank 0 is
+    raised on every rank (no rank is left waiting in a collective)."""
+    import torch.distributed as dist
+
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    reader = rank == 0 or not multi
+    sd, header, error = {}, None, None
+    if reader:
+        try:
+            sd = _canonical_state_dict(model, Path(path))
+            header = {"shapes": {k: tuple(v.shape) for k, v in sd.items()}}
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, then re-raise
+            error, header = e, {"error": f"{type(e).__name__}: {e}"}
+    if multi:
+        box = [header]
+        dist.broadcast_object_list(box, src=0)
+        header = box[0]
+    if error is not None:
+        raise error
+    if "error" in header:
+        raise ValueError(f"train.init_from={path}: rank 0 could not read it: {header['error']}")
+    shapes = header["shapes"]
+
     # remove_duplicate=False: tied weights (OPT's lm_head = embed_tokens) answer to both names.
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers(remove_duplicate=False)))
-    unexpected = sorted(set(sd) - set(named))
+    unexpected = sorted(set(shapes) - set(named))
     if unexpected:
         raise ValueError(f"train.init_from={path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
-    missing = sorted(set(named) - set(sd))
+    for name, shape in shapes.items():
+        t = named[name]
+        want = tuple(getattr(t, "ds_shape", t.shape))
+        if tuple(shape) != want:
+            raise ValueError(f"train.init_from={path}: {name} has shape {tuple(shape)}, model {want}")
+    missing = sorted(set(named) - set(shapes))
+    comm_device = _comm_device() if multi else None
     loaded = 0
-    for name, t in named.items():
-        if name not in sd:
+    for name, t in named.items():  # the same order on every rank
+        if name not in shapes:
             continue
-        src = sd[name]
-        ds_shape = tuple(getattr(t, "ds_shape", t.shape))
-        if tuple(src.shape) != ds_shape:
-            raise ValueError(f"train.init_from={path}: {name} has shape {tuple(src.shape)}, model {ds_shape}")
         if hasattr(t, "ds_id"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
-                if rank == 0:
+                if reader:
                     with torch.no_grad():
-                        t.data.copy_(src.to(t.dtype))
+                        t.data.copy_(sd[name].to(t.dtype))
         else:
             with torch.no_grad():
-                t.data.copy_(src.to(t.dtype))
+                if reader:
+                    t.data.copy_(sd[name].to(t.dtype))
+                if multi:
+                    buf = t.data.to(comm_device)
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
+        if reader:
+            del sd[name]  # free each source tensor once copied
         loaded += 1
     return {"loaded": loaded, "missing": missing}
+
+
+def _canonical_state_dict(model: nn.Module, p: Path) -> dict:
+    from megaflamingo.compat.af1 import _canonical_key, _layers_prefix
+
+    sd = _read_state_dict(p)
+    prefix = _layers_prefix(model)
+    return {_canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _read_state_dict(p: Path) -> dict:

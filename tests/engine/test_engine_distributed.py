@@ -237,3 +237,40 @@ def test_init_from_our_deepspeed_checkpoint_dir(ref):
     for k, v in want.items():
         if k in got:
             assert torch.equal(got[k].detach(), v.detach().to(got[k].dtype)), k
+
+
+@pytest.mark.parametrize("ds", ["ds_configs/zero3.json", "ds_configs/zero2.json"])
+def test_init_from_is_read_by_rank_zero_only(ref, tmp_path, ds):
+    """Two ranks initialise from the reference checkpoint: only rank 0 reads it (an AF1-size file
+    per rank would exhaust a node's memory), yet after DeepSpeed start-up both ranks hold exactly the
+    checkpoint's tensors (ZeRO-3 partitions and ZeRO-2 replicas alike)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    src, _ = ref
+    ckpt = src / "ref" / "checkpoints"
+    name = "init_" + Path(ds).stem
+    proc, _, _ = launch(tmp_path, name, ds=ds, init_from=str(ckpt), train={"max_steps": 1})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"{name}.json.rank{r}").read_text()) for r in (0, 1)]
+    assert [r["reads"] for r in ranks] == [1, 0]
+    want = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=(ckpt / "latest").read_text().strip())
+    checked = 0
+    for key, v in want.items():
+        if key in ranks[0]["sums"]:
+            expect = [float(v.detach().double().sum()), float(v.detach().double().abs().sum())]
+            for r in ranks:
+                assert r["sums"][key] == pytest.approx(expect, rel=1e-6, abs=1e-6), (key, r["sums"][key], expect)
+            checked += 1
+    assert checked >= 20
+
+
+def test_init_from_error_on_rank_zero_reaches_every_rank(tmp_path):
+    """A checkpoint that rank 0 cannot read stops every rank promptly with its message; no rank is
+    left waiting in a collective until the timeout."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc, _, secs = launch(tmp_path, "init_bad", init_from=str(bad), train={"max_steps": 1}, timeout=120)
+    assert proc.returncode != 0
+    msgs = {r: json.loads((tmp_path / f"init_bad.json.rank{r}").read_text())["error"] for r in (0, 1)}
+    assert "rank 0 could not read it" in msgs[1] and "bad.pt" in msgs[1]
+    assert secs < BASE_TRAIN["dist_timeout_s"]

@@ -64,6 +64,8 @@ def main(spec_path):
     lm = build_lm(cfg, len(tok), ds)
     # The tiny OPT has no dropout; AF1's audio transformer keeps its 0.1 (so RNG restore matters).
     model = build_flamingo(cfg, lm, ids, ds)
+    if spec.get("init_from"):
+        return init_from_and_report(spec, model, cfg, world, device, ds)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (AudioFlamingo always is)
     kw = dict(micro_batch=cfg.train.micro_batch_size, num_batches=spec.get("num_batches", 64),
@@ -124,6 +126,33 @@ def main(spec_path):
                "frozen": trainer.frozen}
         with open(spec["result"], "w") as f:
             json.dump(out, f)
+
+
+def init_from_and_report(spec, model, cfg, world, device, ds):
+    """Stage init on every rank, then DeepSpeed start-up; each rank reports how often it read the
+    checkpoint and a checksum of every (gathered) parameter and buffer it ends up with."""
+    import deepspeed
+
+    from megaflamingo.engine import build
+    from megaflamingo.engine.trainer import Trainer
+
+    reads = []
+    orig = build._read_state_dict
+    build._read_state_dict = lambda p: reads.append(str(p)) or orig(p)
+    try:
+        build.load_init_weights(model, spec["init_from"], world.rank)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        with open(f"{spec['result']}.rank{world.rank}", "w") as f:
+            json.dump({"error": str(e)}, f)
+        raise
+    trainer = Trainer(cfg, model, [], {}, world, device, ds_config=ds)
+    module = trainer.engine.module
+    sums = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        with deepspeed.zero.GatheredParameters([t] if hasattr(t, "ds_id") else []):
+            sums[name] = [float(t.detach().double().sum()), float(t.detach().double().abs().sum())]
+    with open(f"{spec['result']}.rank{world.rank}", "w") as f:
+        json.dump({"reads": len(reads), "sums": sums}, f)
 
 
 if __name__ == "__main__":
