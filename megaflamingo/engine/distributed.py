@@ -143,6 +143,21 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor, any shape) holds anywhere on any rank. Reduced where it lives
+    (no host round trip before the collective); the one ``.item()`` is the only sync."""
+    import torch.distributed as dist
+
+    t = flag.any().to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() != "nccl":
+            t = t.cpu()
+        elif t.device.type != "cuda":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 

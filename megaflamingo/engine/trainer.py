@@ -24,7 +24,7 @@ from megaflamingo.config import Config
 
 from . import stop as stop_request
 from .checkpointing import CheckpointManager, config_hash, set_rng_state
-from .distributed import World, all_reduce_max, all_reduce_sum
+from .distributed import World, all_reduce_max, all_reduce_sum, any_rank
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
 from .flops import device_peak_flops, flop_spec
 from .metrics import MetricsLogger, peak_memory_gb
@@ -61,6 +61,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
                           ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
     valid = shift_labels != IGNORE
     return (tok * valid).sum(dim=1), valid.sum(dim=1)
+
+
+def _sums(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[sum of token losses, number of scored tokens] as a float64 device tensor (no host sync)."""
+    return torch.stack([loss_sum.sum().double(), count.sum().double()])
 
 
 def _stop_iteration_safe_len(loader) -> Optional[int]:
@@ -215,7 +220,7 @@ class Trainer:
         cap = self.cfg.train.eval_max_batches
         for name, loader in self.valid_loaders.items():
             it = iter(loader)
-            stats = torch.zeros(2, dtype=torch.float64)
+            stats = torch.zeros(2, dtype=torch.float64, device=self.device)
             n = 0
             while cap is None or n < cap:
                 batch = next(it, None)
@@ -223,10 +228,10 @@ class Trainer:
                 if all_reduce_max(1.0 if batch is None else 0.0) > 0:
                     break
                 _, loss_sum, count = self._forward(self._to_device(batch))
-                stats += torch.tensor([loss_sum.sum().item(), count.sum().item()], dtype=torch.float64)
+                stats += _sums(loss_sum, count)
                 n += 1
-            stats = all_reduce_sum(stats)
-            results[name] = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+            total, scored = all_reduce_sum(stats).tolist()
+            results[name] = total / scored if scored > 0 else float("nan")
         self.engine.train()
         return results
 
@@ -253,7 +258,8 @@ class Trainer:
         it = iter(self.train_loader)
         consecutive = 0
         window = defaultdict(float)
-        per_ds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        # (dataset names, loss_sum, count) per micro-batch, left on the device until the logging step
+        per_ds: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         t_window = time.perf_counter()
         self.engine.train()
         try:
@@ -267,7 +273,9 @@ class Trainer:
                                  "written, nothing new to save")
             while not result.stopped_by_signal and self.step < self.total_steps:
                 good = 0
-                step_stats = torch.zeros(2, dtype=torch.float64)
+                # Device-side until the step ends: one host sync per micro-batch (the non-finite vote,
+                # which must decide before backward) and one per step, not one per statistic.
+                step_stats = torch.zeros(2, dtype=torch.float64, device=self.device)
                 while good < ga:
                     t0 = time.perf_counter()
                     it, batch = self._next_batch(it)
@@ -276,7 +284,7 @@ class Trainer:
                     B, T = inputs["input_ids"].shape
                     L = inputs["audio_embeds"].shape[1] if "audio_embeds" in inputs else 0
                     loss, loss_sum, count = self._forward(inputs)
-                    bad = all_reduce_max(0.0 if bool(torch.isfinite(loss)) else 1.0) > 0
+                    bad = any_rank(~torch.isfinite(loss.detach()))
                     if bad:
                         consecutive += 1
                         self.nonfinite_total += 1
@@ -292,26 +300,26 @@ class Trainer:
                     self.engine.backward(loss * t.loss_multiplier if t.loss_multiplier != 1.0 else loss)
                     self.engine.step()
                     good += 1
-                    step_stats += torch.tensor([loss_sum.sum().item(), count.sum().item()], dtype=torch.float64)
+                    step_stats += _sums(loss_sum, count)
                     window["samples"] += B
-                    mask = batch.get("attention_mask")
+                    mask = batch.get("attention_mask")  # the host copy: no device sync
                     window["tokens"] += float(mask.sum()) if mask is not None else B * T
-                    # With supervised-only logits the LM head ran on count.sum() rows, not B*T.
-                    head_rows = int(count.sum()) if t.loss_logits == "supervised" else None
+                    # With supervised-only logits the LM head ran on the supervised rows only, not B*T
+                    # (counted on the host copy of the labels, as the model counts them).
+                    head_rows = int((batch["labels"][:, 1:] != IGNORE).sum()) if t.loss_logits == "supervised" else None
                     window["flops"] += self.flops.per_batch(B, T, L, head_rows)
-                    for name, ls, c in zip(batch.get("dataset", []), loss_sum.tolist(), count.tolist()):
-                        per_ds[name][0] += ls
-                        per_ds[name][1] += c
+                    if batch.get("dataset"):
+                        per_ds.append((list(batch["dataset"]), loss_sum, count))
                 self.step += 1
-                step_stats = all_reduce_sum(step_stats)
-                step_loss = float(step_stats[0] / step_stats[1]) if step_stats[1] > 0 else float("nan")
+                step_sum, step_count = all_reduce_sum(step_stats).tolist()
+                step_loss = step_sum / step_count if step_count > 0 else float("nan")
                 result.losses.append(step_loss)
                 if main:
                     with open(step_log, "a") as f:
                         f.write(json.dumps({"step": self.step, "loss": step_loss}) + "\n")
                     metrics.progress(self.step, step_loss)
-                window["loss_sum"] += step_stats[0].item()
-                window["loss_count"] += step_stats[1].item()
+                window["loss_sum"] += step_sum
+                window["loss_count"] += step_count
                 window["steps"] += 1
 
                 if self.step % t.logging_steps == 0 or self.step == self.total_steps:
@@ -345,17 +353,25 @@ class Trainer:
         result.nonfinite_skipped = self.nonfinite_total
         return result
 
-    def _log_window(self, metrics: MetricsLogger, w: dict, per_ds: dict, elapsed: float) -> None:
+    def _log_window(self, metrics: MetricsLogger, w: dict, per_ds: list, elapsed: float) -> None:
         ws = self.world.world_size
         totals = all_reduce_sum(torch.tensor([w["samples"], w["tokens"], w["flops"], w["data_wait"]],
                                              dtype=torch.float64))
         samples, tokens, flops, data_wait = totals.tolist()
         import torch.distributed as dist
 
-        gathered = [dict(per_ds)]
+        mine: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        if per_ds:  # one transfer for the whole window
+            names = [n for ns, _, _ in per_ds for n in ns]
+            sums = torch.cat([ls.double() for _, ls, _ in per_ds]).tolist()
+            counts = torch.cat([c.double() for _, _, c in per_ds]).tolist()
+            for name, ls, c in zip(names, sums, counts):
+                mine[name][0] += ls
+                mine[name][1] += c
+        gathered = [dict(mine)]
         if dist.is_initialized() and ws > 1:
             gathered = [None] * ws
-            dist.all_gather_object(gathered, {k: list(v) for k, v in per_ds.items()})
+            dist.all_gather_object(gathered, {k: list(v) for k, v in mine.items()})
         ds_tot: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for g in gathered:
             for k, (s, c) in g.items():

@@ -128,6 +128,10 @@ def test_tensorboard_has_every_metric(ref):
     loss = [e.value for e in acc.Scalars("train/loss")]
     assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
     assert loss[0] == pytest.approx(sum(res["losses"][:5]) / 5, rel=1e-3)
+    # The window's loss is the token-weighted mean of the per-dataset losses: between them.
+    per_ds = [[e.value for e in acc.Scalars(f"train/loss/{d}")] for d in ("synth-a", "synth-b")]
+    for total, a, b in zip(loss, *per_ds):
+        assert min(a, b) - 1e-6 <= total <= max(a, b) + 1e-6 and a != b
     assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
     assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_s"))
     assert acc.Scalars("train/lr")[-1].value == pytest.approx(1e-2)
