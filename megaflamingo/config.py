@@ -168,6 +168,9 @@ class TrainConfig:
     eval_max_batches: Optional[int] = None
     # Seconds a collective may block before the job fails (a dead rank must not hang the job).
     dist_timeout_s: int = 600
+    # Seconds the other ranks wait while rank 0 converts a checkpoint to DeepSpeed's universal format
+    # (resuming on another world size); a large checkpoint takes far longer than a collective.
+    convert_timeout_s: int = 21600
     # Peak FLOP/s per device for MFU; None = a table for known GPUs, a measured matmul peak on CPU.
     peak_tflops: Optional[float] = None
     # Show a tqdm bar on rank 0 (the log line every ``logging_steps`` is printed either way).
@@ -440,6 +443,7 @@ def validate(cfg: Config) -> None:
         "train.keep_last": t.keep_last,
         "train.max_consecutive_nonfinite": t.max_consecutive_nonfinite,
         "train.dist_timeout_s": t.dist_timeout_s,
+        "train.convert_timeout_s": t.convert_timeout_s,
         "data.max_tokens": d.max_tokens,
         "encoder.embed_dim": e.embed_dim,
         "encoder.sample_rate": e.sample_rate,

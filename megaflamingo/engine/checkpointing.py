@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .distributed import barrier
+from .distributed import barrier, on_rank0_others_wait
 
 MARKER = "megaflamingo.json"
 LATEST = "latest"
@@ -172,17 +172,22 @@ class CheckpointManager:
     def read_meta(self, tag: str, src: Optional[Path] = None) -> dict:
         return json.loads(((src or self.dir) / tag / MARKER).read_text())
 
-    def universal_tag(self, tag: str, src: Optional[Path] = None) -> str:
-        """Convert ``src/tag`` to DeepSpeed's universal format in THIS run's checkpoint dir (rank 0;
-        the others wait). Returns the new tag."""
+    def universal_tag(self, tag: str, src: Optional[Path] = None, timeout_s: int = 21600) -> str:
+        """Convert ``src/tag`` to DeepSpeed's universal format in THIS run's checkpoint dir. Rank 0
+        converts; the others wait up to ``timeout_s`` (``train.convert_timeout_s``, not the collective
+        timeout) and raise rank 0's error if it fails. Returns the new tag."""
         src = Path(src or self.dir)
         out = f"{tag}-universal"
-        if self.rank == 0 and not (self.dir / out / MARKER).is_file():
+
+        def convert():
+            if (self.dir / out / MARKER).is_file():
+                return  # converted by an earlier attempt (the marker is written last)
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.dir / out, ignore_errors=True)
+            workers = str(max(1, min(4, (os.cpu_count() or 2) // 2)))
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(src / tag), "--output_folder", str(self.dir / out), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
+                   str(src / tag), "--output_folder", str(self.dir / out), "--num_extract_workers", workers,
+                   "--num_merge_workers", workers]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"universal checkpoint conversion of {src / tag} failed:\n"
@@ -191,7 +196,8 @@ class CheckpointManager:
             for f in (src / tag).glob("megaflamingo_rank*.pt"):
                 shutil.copy2(f, self.dir / out / f.name)
             shutil.copy2(src / tag / MARKER, self.dir / out / MARKER)
-        barrier()
+
+        on_rank0_others_wait(convert, self.rank, timeout_s, what=f"converting {src / tag} to a universal checkpoint")
         return out
 
     def load(self, engine, tag: str, universal: bool, src: Optional[Path] = None) -> tuple[dict, Optional[dict]]:
@@ -216,6 +222,6 @@ def config_hash(cfg_dict: dict) -> str:
     # Run bookkeeping fields may change between a run and its resume; the recipe may not.
     d = json.loads(json.dumps(cfg_dict, default=str))
     for k in ("run_dir", "run_name", "resume", "max_steps", "logging_steps", "eval_steps", "save_steps",
-              "keep_last", "progress_bar", "init_from", "dist_timeout_s"):
+              "keep_last", "progress_bar", "init_from", "dist_timeout_s", "convert_timeout_s"):
         d.get("train", {}).pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -132,6 +132,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+def on_rank0_others_wait(fn, rank: int, timeout_s: int, what: str) -> None:
+    """Run ``fn`` on rank 0 while the other ranks wait up to ``timeout_s``, in a gloo group of its
+    own: a long job on rank 0 (a checkpoint conversion) must not be cut by the training collectives'
+    ``dist_timeout_s``. ``fn``'s exception is raised on rank 0 and reported on every other rank."""
+    import torch.distributed as dist
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    # Created before the work: making a group is itself a collective under the default timeout.
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) if multi else None
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every rank must hear about it before it is raised
+            error = e
+    if multi:
+        try:
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0, group=group)
+        finally:
+            dist.destroy_process_group(group)
+        if error is None and box[0] is not None:
+            raise RuntimeError(f"rank 0 failed {what}: {box[0]}")
+    if error is not None:
+        raise error
+
+
 def all_reduce_max(value: float) -> float:
     import torch.distributed as dist
 

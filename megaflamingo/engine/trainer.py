@@ -97,7 +97,7 @@ class Trainer:
         self.resume_tag, self.universal = self._pick_resume()
         if self.universal:
             # Converted into OUR checkpoint dir; a resume from another run never writes there.
-            self.resume_tag = self.ckpt.universal_tag(self.resume_tag, self.resume_dir)
+            self.resume_tag = self.ckpt.universal_tag(self.resume_tag, self.resume_dir, t.convert_timeout_s)
             self.resume_dir = None
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 

@@ -309,3 +309,56 @@ def test_build_lm_sizes_embeddings_to_the_tokenizer_like_af1():
         lm = build_lm(cfg, 512, None)
         assert lm.get_input_embeddings().num_embeddings == 512
         assert lm.get_output_embeddings().weight.shape[0] == 512
+
+
+_RANK0_WORK = """
+import datetime, json, os, sys, time
+import torch.distributed as dist
+from megaflamingo.engine.distributed import on_rank0_others_wait
+
+rank, mode, out = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+# A collective timeout far shorter than rank 0's work: only the helper's own timeout may apply.
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+
+def work():
+    time.sleep(5)
+    if mode == "fail":
+        raise ValueError("disk full")
+    open(out + ".done", "w").close()
+
+try:
+    on_rank0_others_wait(work, rank, timeout_s=60, what="the test job")
+    res = {"ok": os.path.exists(out + ".done")}
+except Exception as e:
+    res = {"error": f"{type(e).__name__}: {e}"}
+dist.barrier()
+json.dump(res, open(f"{out}.rank{rank}", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_rank0_work_outlasts_the_collective_timeout_and_reports_errors(tmp_path, mode):
+    """Universal-checkpoint conversion runs on rank 0 for minutes; the other ranks must wait for it
+    (not die at dist_timeout_s) and must see its failure instead of hanging."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_RANK0_WORK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "res")
+    procs = [subprocess.Popen([sys.executable, str(script), mode, out], cwd=Path(__file__).parents[2],
+                              env=dict(os.environ, RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        p.communicate(timeout=120)
+    res = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+    if mode == "ok":
+        assert res == [{"ok": True}, {"ok": True}]
+    else:
+        assert res[0] == {"error": "ValueError: disk full"}
+        assert "rank 0 failed the test job" in res[1]["error"] and "disk full" in res[1]["error"]
