@@ -210,16 +210,33 @@ def _read_state_dict(p: Path) -> dict:
 def lm_hidden_size(cfg: Config) -> Optional[int]:
     """The LM width from ``model.lm_config`` or the LM's config file (no weights loaded); sizes
     DeepSpeed's "auto" buckets. None when it cannot be read."""
+    return _lm_config_value(cfg, "hidden_size", "d_model")
+
+
+def lm_max_positions(cfg: Config) -> Optional[int]:
+    """How many positions the LM can embed (OPT: 2048); None when unknown or unbounded (rotary)."""
+    return _lm_config_value(cfg, "max_position_embeddings", "n_positions")
+
+
+def _lm_config_value(cfg: Config, *names: str) -> Optional[int]:
     m = cfg.model
     if m.lm_config is not None:
-        return m.lm_config.get("hidden_size") or m.lm_config.get("d_model")
-    try:
-        from transformers import AutoConfig
+        conf = m.lm_config
+        get = conf.get
+    else:
+        try:
+            from transformers import AutoConfig
 
-        c = AutoConfig.from_pretrained(m.lm, cache_dir=m.cache_dir)
-        return getattr(c, "hidden_size", None)
-    except Exception:
-        return None
+            conf = AutoConfig.from_pretrained(m.lm, cache_dir=m.cache_dir)
+        except Exception:
+            return None
+
+        def get(k):
+            return getattr(conf, k, None)
+    for k in names:
+        if get(k):
+            return int(get(k))
+    return None
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -237,6 +254,9 @@ def preflight(cfg: Config) -> list[str]:
     root = Path(d.data_root)
     if not root.is_dir():
         raise ConfigError(f"data.data_root: directory {root} does not exist ({src})")
+    positions = lm_max_positions(cfg)
+    if positions is not None and d.max_tokens > positions:
+        raise ConfigError(f"data.max_tokens: {d.max_tokens} exceeds the LM's {positions} positions ({src})")
     dirs = []
     for field, names in (("data.blend", list(d.blend)), ("data.valid", list(d.valid))):
         for name in names:
@@ -271,5 +291,14 @@ def build_loaders(cfg: Config, tokenizer, token_ids: dict, rank: int, world_size
         raise RuntimeError(f"the data pipeline (megaflamingo.data) is not available: {e}") from e
     # The root Config carries micro-batch size, model and encoder settings the loaders check against.
     train = build_train_loader(cfg, tokenizer, token_ids, rank, world_size, cfg.train.seed)
-    valid = build_valid_loaders(cfg, tokenizer, token_ids, rank, world_size) if cfg.data.valid else {}
+    valid = {}
+    if cfg.data.valid:
+        # AF1 cut validation text at 5 x data.max_tokens (2560 for its 512), past OPT's 2048 positions:
+        # a long validation sample would crash the run at its first evaluation. Cap at the LM's limit.
+        cap = 5 * cfg.data.max_tokens
+        positions = lm_max_positions(cfg)
+        if positions is not None and positions < cap:
+            log.info("validation text cut at the LM's %d positions (AF1: 5 x data.max_tokens = %d)", positions, cap)
+            cap = positions
+        valid = build_valid_loaders(cfg, tokenizer, token_ids, rank, world_size, max_tokens=cap)
     return train, valid

@@ -44,6 +44,29 @@ def test_missing_dataset_and_embed_mismatch_fail_before_training(single_env, tmp
     assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", "model.audio_embed_dim=64",
                  "encoder.embed_dim=64"]) == 2
     assert "model.audio_embed_dim is 64" in capsys.readouterr().err
+    # Longer samples than the LM can embed would crash at the first long batch: refused up front.
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", "data.max_tokens=4096"]) == 2
+    assert "data.max_tokens: 4096 exceeds the LM's 1024 positions" in capsys.readouterr().err
+
+
+def test_validation_text_is_cut_at_the_lms_positions(data_root, monkeypatch):
+    """AF1 cut validation text at 5 x data.max_tokens; past the LM's positions that would crash the
+    first evaluation, so the cap is the smaller of the two."""
+    from megaflamingo.config import load_config
+    from megaflamingo.engine import build
+
+    seen = []
+    import megaflamingo.data as data_pkg
+
+    real = data_pkg.build_valid_loaders
+    monkeypatch.setattr(data_pkg, "build_valid_loaders", lambda *a, **kw: seen.append(kw["max_tokens"]) or real(*a, **kw))
+    monkeypatch.setenv("MF_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("MF_RUN_DIR", str(data_root / "run"))
+    for max_tokens, want in ((64, 320), (512, 1024)):
+        cfg = load_config(CFG, [f"data.max_tokens={max_tokens}"])
+        tok, ids = build.build_tokenizer(cfg)
+        _, valid = build.build_loaders(cfg, tok, ids, 0, 1)
+        assert valid and seen[-1] == want
 
 
 def test_ds_json_contradiction_fails_before_training(single_env, data_root, capsys):
