@@ -5,6 +5,7 @@ weight decay 0.1 and leaves everything else undecayed; frozen parameters never r
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Iterable
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 
 from megaflamingo.config import TrainConfig
+
+log = logging.getLogger("megaflamingo.train")
 
 XATTN_MARK = "gated_cross_attn"
 
@@ -46,9 +49,15 @@ def build_optimizer(model: nn.Module, t: TrainConfig, offload_device: str = "non
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     if torch.cuda.is_available():
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **kw)
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        except Exception as e:  # noqa: BLE001 - the op is JIT-built: no nvcc/ninja, arch mismatch, ...
+            # torch's own fused AdamW kernel: same update rule, no build step.
+            log.warning("DeepSpeed FusedAdam unavailable (%s: %s); using torch.optim.AdamW(fused=True)",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return torch.optim.AdamW(groups, fused=True, **kw)
     # foreach=False: the per-tensor loop gives the same bits whatever the grouping (ZeRO stages compare).
     return torch.optim.AdamW(groups, foreach=False, **kw)
 

@@ -102,6 +102,30 @@ def test_param_groups_decay_only_xattn_and_skip_frozen(tiny_model):
     assert not any("decoder_layer" in n or "embed" in n for n in trainable)
 
 
+def test_optimizer_falls_back_when_fused_adam_cannot_be_built(tiny_model, monkeypatch, caplog):
+    """On a GPU node without a CUDA toolkit DeepSpeed's FusedAdam fails to JIT-build: the run goes on
+    with torch's fused AdamW (same update rule) and says so, instead of dying at start-up."""
+    import logging
+
+    import deepspeed.ops.adam as ds_adam
+
+    from megaflamingo.engine.optim import build_optimizer
+
+    model, _, _ = tiny_model
+    t = make_config(tiny_raw_config()).train
+
+    def broken(*a, **kw):
+        raise RuntimeError("Error building extension 'fused_adam'\nnvcc not found")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ds_adam, "FusedAdam", broken)
+    with caplog.at_level(logging.WARNING, logger="megaflamingo.train"):
+        opt = build_optimizer(model, t)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+    assert opt.param_groups[0]["weight_decay"] == t.weight_decay and opt.defaults["lr"] == t.lr
+    assert "FusedAdam unavailable (RuntimeError: Error building extension 'fused_adam')" in caplog.text
+
+
 def test_lr_schedules():
     cfg = cfg_with(warmup_steps=10, lr_scheduler="constant")
     f = lr_lambda(cfg.train, None)
