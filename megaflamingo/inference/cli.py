@@ -193,8 +193,16 @@ def _icl(a, loaded, runner, windows) -> int:
     query = Path(a.audio[0]).resolve().as_posix()
     same_file = [p for p in set(index.paths) if query.endswith("/" + p.lstrip("/"))]
     neigh = index.neighbours(key, a.k - 1, exclude_paths=same_file)
-    examples, ex_windows = build_examples(neigh)
     split_task = "-".join(index.meta[k] for k in ("dataset", "task") if index.meta.get(k)) or None
+    render = None
+    if split_task:  # the examples as training showed them (e.g. mtg-jamendo's fixed question, no options)
+        from .prompts import Example, TrainingForm
+
+        form = TrainingForm.of(loaded.config)
+
+        def render(n):
+            return Example(*form.render(split_task, n.path, n.prompt, n.output, no_options=True)[1:])
+    examples, ex_windows = build_examples(neigh, render)
     text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, _prefix(a, loaded, split_task),
                           suffix=answer_suffix(loaded.config))
     answer = runner.answer([Query(text, ex_windows + windows)])[0]

@@ -53,13 +53,15 @@ class TrainingForm:
         _, prefix_prob = inference_settings(self.blend, task)
         return self.registry.prefix(f"{task}/train") if prefix_prob else ""
 
-    def render(self, task: str, path: str, prompt: str, output: Optional[str]) -> tuple[str, str, Optional[str]]:
-        """(prefix, prompt + suffix, output) of one item, as validation renders it (per-item seed)."""
+    def render(self, task: str, path: str, prompt: str, output: Optional[str],
+               no_options: bool = False) -> tuple[str, str, Optional[str]]:
+        """(prefix, prompt + suffix, output) of one item, as validation renders it (per-item seed).
+        ``no_options``: a few-shot example before the query (training never lists options there)."""
         from megaflamingo.data.loader import inference_settings
 
         augs, _ = inference_settings(self.blend, task)
         aug = self.registry.augment(path=path, prompt=clean(prompt), output=clean(output), task=f"{task}/train",
-                                    split="val", augmentations=augs, prefix_prob=1.0)
+                                    split="val", augmentations=augs, prefix_prob=1.0, no_options=no_options)
         return self.prefix(task), aug.prompt, (None if output is None else aug.output)
 
 

@@ -141,7 +141,9 @@ class RetrievalIndex:
         return out
 
 
-def build_examples(neigh: Sequence[Neighbour]) -> tuple[list[Example], list[np.ndarray]]:
-    """Farthest first, so the nearest example is right before the query."""
+def build_examples(neigh: Sequence[Neighbour], render=None) -> tuple[list[Example], list[np.ndarray]]:
+    """Farthest first, so the nearest example is right before the query. ``render(neighbour) ->
+    Example`` puts an example's text in its trained form (default: as stored)."""
     ordered = list(reversed(neigh))
-    return [Example(n.prompt, n.output) for n in ordered], [n.windows for n in ordered]
+    render = render or (lambda n: Example(n.prompt, n.output))
+    return [render(n) for n in ordered], [n.windows for n in ordered]

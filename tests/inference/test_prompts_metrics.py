@@ -129,3 +129,21 @@ def test_batch_items_take_the_form_training_gave_their_task():
     assert eval_text(other, form) == ("The task is audio question answering. ", "is it a dog?\nAnswer:", "yes")
     # No form / no task: untouched.
     assert eval_text(jam, None) == ("", "What genre?", "Rock; Pop")
+
+
+def test_icl_examples_take_their_trained_form_farthest_first():
+    from megaflamingo.inference.prompts import Example
+    from megaflamingo.inference.retrieval import Neighbour, build_examples
+
+    form = _form({"mtg-jamendo-MusicTagging/train": {"prefix_prob": 1.0, "augmentations": {"default": 1.0}}})
+    neigh = [Neighbour(row=i, distance=float(i), id=f"n{i}", path=f"n{i}.wav", prompt="Tags?", output=f"Rock; T{i}",
+                       windows=np.full((1, 4), i, np.float32)) for i in range(3)]
+
+    def render(n):
+        return Example(*form.render("mtg-jamendo-MusicTagging", n.path, n.prompt, n.output, no_options=True)[1:])
+
+    examples, windows = build_examples(neigh, render)
+    q = "what are the genres, instruments, and mood/theme of the music?\nAnswer:"
+    assert examples == [Example(q, "rock. t2"), Example(q, "rock. t1"), Example(q, "rock. t0")]
+    assert [int(w[0, 0]) for w in windows] == [2, 1, 0]
+    assert build_examples(neigh)[0][0] == Example("Tags?", "Rock; T2")  # stored text without a renderer
