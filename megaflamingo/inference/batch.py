@@ -74,7 +74,8 @@ def eval_text(it: Item, form=None, prefix: Optional[str] = None,
         raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
     if form is None or not it.task:
         return prefix or "", prompt, it.output
-    task_pre, trained_prompt, ref = form.render(it.task, it.path, prompt, it.output)
+    # rendered from the item's own prompt (it seeds the augmentation choice, as in validation)
+    task_pre, trained_prompt, ref = form.render(it.task, it.path, it.prompt or prompt, it.output)
     # --prompt is the user's question as typed; the reference still takes its trained form
     return (task_pre if prefix is None else prefix), (prompt if prompt_override else trained_prompt), ref
 

@@ -116,10 +116,11 @@ def run(a) -> int:
     windows = [runner_embedder.embed(x) for x in a.audio]
     if a.icl_from:
         return _icl(a, loaded, runner, windows)
-    from .prompts import answer_suffix, multi_audio_prompt
+    from .prompts import TrainingForm, answer_suffix, multi_audio_prompt
     from .runner import Query
 
-    text = multi_audio_prompt(loaded.tokenizer, a.prompt, len(windows), _prefix(a, loaded), answer_suffix(loaded.config))
+    prefix = _prefix(a, TrainingForm.of(loaded.config))
+    text = multi_audio_prompt(loaded.tokenizer, a.prompt, len(windows), prefix, answer_suffix(loaded.config))
     answer = runner.answer([Query(text, windows)])[0]
     _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer}, answer)
     return 0
@@ -152,13 +153,9 @@ def _with_silence(loaded, lazy):
     return loaded
 
 
-def _prefix(a, loaded, default_task=None) -> str:
+def _prefix(a, form, default_task=None) -> str:
     """--prefix as given, else the prefix training gave --task (or ``default_task``)."""
-    from .prompts import TrainingForm
-
-    if a.prefix is not None:
-        return a.prefix
-    return TrainingForm.of(loaded.config).prefix(a.task or default_task)
+    return a.prefix if a.prefix is not None else form.prefix(a.task or default_task)
 
 
 def _emit(a, obj, text):
@@ -170,7 +167,7 @@ def _emit(a, obj, text):
 
 def _icl(a, loaded, runner, windows) -> int:
     from .embed import compare_encoders, compare_windows
-    from .prompts import answer_suffix, fewshot_prompt
+    from .prompts import Example, TrainingForm, answer_suffix, fewshot_prompt
     from .retrieval import RetrievalIndex, build_examples
     from .runner import Query
 
@@ -194,16 +191,13 @@ def _icl(a, loaded, runner, windows) -> int:
     same_file = [p for p in set(index.paths) if query.endswith("/" + p.lstrip("/"))]
     neigh = index.neighbours(key, a.k - 1, exclude_paths=same_file)
     split_task = "-".join(index.meta[k] for k in ("dataset", "task") if index.meta.get(k)) or None
+    form = TrainingForm.of(loaded.config)
     render = None
     if split_task:  # the examples as training showed them (e.g. mtg-jamendo's fixed question, no options)
-        from .prompts import Example, TrainingForm
-
-        form = TrainingForm.of(loaded.config)
-
         def render(n):
             return Example(*form.render(split_task, n.path, n.prompt, n.output, no_options=True)[1:])
     examples, ex_windows = build_examples(neigh, render)
-    text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, _prefix(a, loaded, split_task),
+    text = fewshot_prompt(loaded.tokenizer, examples, a.prompt, _prefix(a, form, split_task),
                           suffix=answer_suffix(loaded.config))
     answer = runner.answer([Query(text, ex_windows + windows)])[0]
     _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer,
