@@ -12,6 +12,8 @@ from torch import nn
 
 from megaflamingo.config import Config, ConfigError
 
+from .distributed import comm_device
+
 log = logging.getLogger("megaflamingo.train")
 
 
@@ -135,7 +137,6 @@ def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
         if tuple(shape) != want:
             raise ValueError(f"train.init_from={path}: {name} has shape {tuple(shape)}, model {want}")
     missing = sorted(set(named) - set(shapes))
-    comm_device = _comm_device() if multi else None
     loaded = 0
     for name, t in named.items():  # the same order on every rank
         if name not in shapes:
@@ -152,7 +153,7 @@ def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
                 if reader:
                     t.data.copy_(sd[name].to(t.dtype))
                 if multi:
-                    buf = t.data.to(comm_device)
+                    buf = t.data.to(comm_device())
                     dist.broadcast(buf, src=0)
                     t.data.copy_(buf)
         if reader:
@@ -167,14 +168,6 @@ def _canonical_state_dict(model: nn.Module, p: Path) -> dict:
     sd = _read_state_dict(p)
     prefix = _layers_prefix(model)
     return {_canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
-
-
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _read_state_dict(p: Path) -> dict:

@@ -138,7 +138,7 @@ def on_rank0_others_wait(fn, rank: int, timeout_s: int, what: str) -> None:
     ``dist_timeout_s``. ``fn``'s exception is raised on rank 0 and reported on every other rank."""
     import torch.distributed as dist
 
-    multi = dist.is_initialized() and dist.get_world_size() > 1
+    multi = _multi()
     # Created before the work: making a group is itself a collective under the default timeout.
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) if multi else None
     error = None
@@ -159,28 +159,29 @@ def on_rank0_others_wait(fn, rank: int, timeout_s: int, what: str) -> None:
         raise error
 
 
-def all_reduce_max(value: float) -> float:
+def comm_device() -> torch.device:
+    """Where tensors must live for the process group's collectives (NCCL: this rank's GPU)."""
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def any_rank(flag: torch.Tensor) -> bool:
-    """Whether ``flag`` (a bool tensor, any shape) holds anywhere on any rank. Reduced where it lives
-    (no host round trip before the collective); the one ``.item()`` is the only sync."""
+def _multi() -> bool:
     import torch.distributed as dist
 
-    t = flag.any().to(torch.float32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() != "nccl":
-            t = t.cpu()
-        elif t.device.type != "cuda":
-            t = t.cuda()
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank(flag: torch.Tensor | bool) -> bool:
+    """Whether ``flag`` (a bool, or a bool tensor of any shape) holds anywhere on any rank. A tensor
+    is reduced without a host round trip before the collective; the one ``.item()`` is the only sync."""
+    import torch.distributed as dist
+
+    t = torch.as_tensor(flag).any().to(torch.float32).reshape(1)
+    if _multi():
+        t = t.to(comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -188,10 +189,9 @@ def any_rank(flag: torch.Tensor) -> bool:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi():
         dev = t.device
-        if dist.get_backend() == "nccl" and dev.type != "cuda":
-            t = t.cuda()
+        t = t.to(comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t = t.to(dev)
     return t

@@ -24,7 +24,7 @@ from megaflamingo.config import Config
 
 from . import stop as stop_request
 from .checkpointing import CheckpointManager, config_hash, set_rng_state
-from .distributed import World, all_reduce_max, all_reduce_sum, any_rank
+from .distributed import World, all_reduce_sum, any_rank
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
 from .flops import device_peak_flops, flop_spec
 from .metrics import MetricsLogger, peak_memory_gb
@@ -225,7 +225,7 @@ class Trainer:
             while cap is None or n < cap:
                 batch = next(it, None)
                 # ZeRO-3 forwards are collective: every rank runs the same number of them.
-                if all_reduce_max(1.0 if batch is None else 0.0) > 0:
+                if any_rank(batch is None):
                     break
                 _, loss_sum, count = self._forward(self._to_device(batch))
                 stats += _sums(loss_sum, count)
@@ -263,7 +263,7 @@ class Trainer:
         t_window = time.perf_counter()
         self.engine.train()
         try:
-            if all_reduce_max(1.0 if stop_request.requested() else 0.0) > 0:
+            if any_rank(stop_request.requested()):
                 # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
                 # from (or since initialisation), so there is nothing new to save; exit 75 at once.
                 result.stopped_by_signal = True
@@ -337,7 +337,7 @@ class Trainer:
                         metrics.line(f"step {self.step}: valid " + " ".join(
                             f"{k}={v:.4f}" for k, v in result.valid.items()))
                     t_window = time.perf_counter()  # validation is not training throughput
-                stop = all_reduce_max(1.0 if stop_request.requested() else 0.0) > 0
+                stop = any_rank(stop_request.requested())
                 if stop or self.step % t.save_steps == 0 or self.step == self.total_steps:
                     self._save()
                 if stop:

@@ -94,16 +94,12 @@ def clean(text: Optional[str]) -> str:
     return (text or "").strip().lower()
 
 
-def task_prefix(task: Optional[str], registry=None) -> str:
-    """The prefix training put before a task's samples: ``'EventClassification'`` or
+def task_prefix(task: Optional[str]) -> str:
+    """The prefix training puts before a task's samples: ``'EventClassification'`` or
     ``'AudioSet-EventClassification'`` -> ``'The task is event classification. '``, with the data
-    pipeline's renames (``AQA`` -> audio question answering, music captioning for MusicCaps, ...)
-    and the config's own ``data.templates.prefixes``."""
-    if not task:
-        return ""
-    if registry is None:
-        registry = templates_of(None)
-    return registry.prefix(f"{task}/train")
+    pipeline's renames (``AQA`` -> audio question answering, music captioning for MusicCaps, ...).
+    ``TrainingForm.prefix`` adds a config's own prefixes and its blend's prefix_prob."""
+    return templates_of(None).prefix(f"{task}/train") if task else ""
 
 
 def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX) -> str:
