@@ -94,4 +94,11 @@ def run(out, stage, dtype):
 
 
 if __name__ == "__main__":
-    main()
+    from megaflamingo.engine.distributed import shutdown
+
+    # As the trainer: tear the process group down before interpreter exit, or a rank that finished
+    # cleanly can abort ("terminate called without an active exception") and fail the launch.
+    try:
+        main()
+    finally:
+        shutdown()

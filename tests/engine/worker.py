@@ -156,4 +156,11 @@ def init_from_and_report(spec, model, cfg, world, device, ds):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from megaflamingo.engine.distributed import shutdown
+
+    # As the trainer: tear the process group down before interpreter exit, or a rank that finished
+    # cleanly can abort ("terminate called without an active exception") and fail the launch.
+    try:
+        main(sys.argv[1])
+    finally:
+        shutdown()
