@@ -13,9 +13,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["megaflamingo", "megaflamingo.*", "preprocess", "tools"]),
-    include_package_data=True,
-    package_data={"megaflamingo": ["resources/*", "resources/**/*"]},
+    # Only the library: the checkout's top-level preprocess/ and tools/ are `python -m` shims, never
+    # installed (generic names would clash with other packages in site-packages).
+    packages=find_packages(include=["megaflamingo", "megaflamingo.*"]),
+    # The DeepSpeed JSONs and stage configs ship inside the package (megaflamingo/resources/ links to the
+    # checkout's ds_configs/ and configs/), so an installed package finds them from any directory.
+    package_data={"megaflamingo.resources": ["ds_configs/*.json", "ds_configs/*.md", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.45",
@@ -60,10 +63,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megaflamingo-preprocess=preprocess.cli:main",
-            "megaflamingo-train=megaflamingo.engine.cli:main",
-            "megaflamingo-convert=tools.convert:main",
-            "megaflamingo-infer=megaflamingo.inference.cli:main",
+            "megaflamingo-preprocess=megaflamingo.cli.preprocess:main",
+            "megaflamingo-train=megaflamingo.cli.train:main",
+            "megaflamingo-convert=megaflamingo.cli.convert:main",
+            "megaflamingo-infer=megaflamingo.cli.infer:main",
         ]
     },
 )

@@ -158,7 +158,7 @@ def child(argv: list[str]) -> None:
                         peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
             time.sleep(0.02)
     th = threading.Thread(target=sample, daemon=True)
-    from tools.convert import main  # imports outside the timed region
+    from megaflamingo.cli.convert import main  # imports outside the timed region
 
     import deepspeed.utils.zero_to_fp32  # noqa: F401  (heavy import: not part of the conversion)
     import megaflamingo.checkpoint.consolidate  # noqa: F401

@@ -65,7 +65,7 @@ def bench_pipeline(root: Path, rows: int, samples: int, batch: int, cache: bool 
     model = ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=SHOTS)
     loader = build_train_loader(cfg, tok, ids, 0, 1, 0, batch_size=batch, model_cfg=model)
     ds, coll = loader.dataset, loader.collator
-    from megaflamingo.data.assemble import FastEncoder
+    from megaflamingo.data.tokenize import FastEncoder
     enc = ds.builder.encoder = FastEncoder(tok, ds.builder.special, cache_size=100_000 if cache else 0)
     keys = [(0, int(p)) for b in loader.epoch_batches(0) for p in b]
     for k in keys[:batch]:  # warm-up: maps files, builds the private tokenizer copy
@@ -122,7 +122,7 @@ def bench_labels(batch: int = 6) -> tuple[float, float]:
     ids = token_ids(tok)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(10, 400, (batch, T), generator=g)
-    for tok_id, p in ((ids["sep"], 0.02), (ids["eoc"], 0.02), (ids["media"], 0.02)):
+    for tok_id, p in ((ids.sep, 0.02), (ids.eoc, 0.02), (ids.media, 0.02)):
         x[torch.rand(batch, T, generator=g) < p] = tok_id
     t0 = time.process_time()
     for _ in range(50):
@@ -135,10 +135,10 @@ def bench_labels(batch: int = 6) -> tuple[float, float]:
         should = True
         for j in range(T):
             v = labels[i][j]
-            masked = -100 if (should and v != ids["eos"]) else v
-            if v == ids["sep"]:
+            masked = -100 if (should and v != ids.eos) else v
+            if v == ids.sep:
                 should = False
-            elif v == ids["eoc"]:
+            elif v == ids.eoc:
                 should = True
             labels[i][j] = masked
     loop = time.process_time() - t0

@@ -23,6 +23,8 @@ import torch
 from transformers import OPTConfig, AutoModelForCausalLM
 
 from megaflamingo.model import AudioFlamingo
+from megaflamingo.model.config import AudioTransformerConfig, ModelConfig
+from megaflamingo.tokens import SpecialTokens
 from megaflamingo.model import xattn as xattn_mod
 from megaflamingo.model.xattn import GatedCrossAttentionBlock, MaskedCrossAttention, media_visibility
 
@@ -108,13 +110,24 @@ def bench_block(args, dev):
           f"   speed-up x{t_naive / t_ours:.2f}")
 
 
+def _tokens(cfg) -> SpecialTokens:
+    # <audio> and <|endofchunk|> at the end of the vocabulary, the LM's own pad/bos/eos.
+    return SpecialTokens(media=cfg.vocab_size - 2, eoc=cfg.vocab_size - 1, sep=cfg.vocab_size - 3, pad=1, bos=2, eos=2)
+
+
+def _model_config(D: int, wpa: int, shots: int, d_inner: int = 2048) -> ModelConfig:
+    """AF1's audio transformer / xattn shape (dropout off for stable timings)."""
+    return ModelConfig(audio_embed_dim=D, max_num_window=wpa, max_num_fewshot=shots,
+                       audio_transformer=AudioTransformerConfig(d_inner=d_inner, dropout=0.0, max_num_media=wpa * shots,
+                                                                max_window_per_audio=wpa))
+
+
 def bench_model(name, cfg, args, dev):
     B, T, D, wpa, shots = args.batch, args.seq, 1024 if name != "tiny" else 64, 16, 8
     media_id = cfg.vocab_size - 2
     lm = AutoModelForCausalLM.from_config(cfg)
-    model = AudioFlamingo(lm, dict(media=media_id, eoc=cfg.vocab_size - 1), audio_embed_dim=D,
-                          audio_d_inner=2048 if name != "tiny" else 128, audio_n_head=8,
-                          audio_attn_dropout=0.0).to(dev).train()
+    model = AudioFlamingo(lm, _tokens(cfg), _model_config(D, wpa, shots, d_inner=2048 if name != "tiny" else 128)
+                          ).to(dev).train()
     for b in model.xattn_blocks():
         with torch.no_grad():
             b.attn_gate.fill_(0.5)
@@ -140,15 +153,14 @@ def bench_model(name, cfg, args, dev):
 
 
 def bench_loss_logits(args, dev):
-    from megaflamingo.engine.trainer import token_losses
+    from megaflamingo.model.loss import token_losses
 
     B, T, D, wpa, shots = args.batch, args.loss_seq, 1024, 16, 8
     cfg = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
                     word_embed_proj_dim=768, dropout=0.0, attention_dropout=0.0)
     media_id = cfg.vocab_size - 2
     lm = AutoModelForCausalLM.from_config(cfg)
-    model = AudioFlamingo(lm, dict(media=media_id, eoc=cfg.vocab_size - 1), audio_embed_dim=D,
-                          audio_attn_dropout=0.0).to(dev).train()
+    model = AudioFlamingo(lm, _tokens(cfg), _model_config(D, wpa, shots)).to(dev).train()
     model.lang_encoder.requires_grad_(False)  # pretrain: LM (and its head) frozen, xattn trainable
     for b in model.xattn_blocks():
         b.requires_grad_(True)

@@ -61,10 +61,12 @@ def attention_kernels(trainer, batch) -> list[str]:
 
 
 def bench(name: str, args) -> None:
-    from megaflamingo.engine.build import build_flamingo, build_lm, build_tokenizer
+    from megaflamingo.engine.build import build_run_tokenizer
+    from megaflamingo.model.build import build_lm, build_model
+    from megaflamingo.model.freeze import apply_freeze_policy, policy_from_train_config
     from megaflamingo.engine.distributed import device_for, discover_env, init_distributed
     from megaflamingo.engine.ds_config import build_ds_config
-    from megaflamingo.engine.synthetic import SyntheticBatches, make_config
+    from megaflamingo.testing.tiny_task import SyntheticBatches, make_config
     from megaflamingo.engine.trainer import Trainer
 
     shape = SHAPES[name]
@@ -73,10 +75,12 @@ def bench(name: str, args) -> None:
         world = discover_env()
         device = device_for(world)
         init_distributed(world, 600)
-        tok, ids = build_tokenizer(cfg)
+        tok, ids = build_run_tokenizer(cfg)
         ds = build_ds_config(cfg, world.world_size, hidden_size=shape["hidden"])
         torch.manual_seed(0)
-        model = build_flamingo(cfg, build_lm(cfg, max(len(tok), shape["vocab"]), ds), ids, ds)
+        # The LM at the shape's full vocabulary (the head's cost), not the tiny tokenizer's size.
+        model = build_model(cfg.model, build_lm(cfg.model, max(len(tok), shape["vocab"]), ds), ids, ds)
+        apply_freeze_policy(model, *policy_from_train_config(cfg.train))
         loader = SyntheticBatches(ids, len(tok), micro_batch=args.batch, seq_len=shape["T"],
                                   num_fewshot=shape["fewshot"], windows_per_audio=shape["windows"],
                                   embed_dim=shape["audio_dim"], num_batches=10**6)

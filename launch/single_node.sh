@@ -31,8 +31,8 @@ export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NUM_GPUS > 0 ? $(nproc) / NUM_GPUS : 1 ))}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
-# --module: ranks run `python -m megaflamingo.engine.cli`, the same code as `megaflamingo-train`;
+# --module: ranks run `python -m megaflamingo.cli.train`, the same code as `megaflamingo-train`;
 # the launcher adds --local_rank=N, which the CLI accepts (it reads LOCAL_RANK from the env anyway).
 # shellcheck disable=SC2086  # DS_LAUNCHER_ARGS is a list of words on purpose
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" ${DS_LAUNCHER_ARGS:-} \
-    --module megaflamingo.engine.cli --config "$CONFIG" "$@"
+    --module megaflamingo.cli.train --config "$CONFIG" "$@"

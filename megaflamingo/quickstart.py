@@ -2,7 +2,7 @@
 
     python -m megaflamingo.quickstart --out runs/quickstart        # `make quickstart`
 
-1. generate a labelled synthetic audio dataset (8 sound classes, 3-12 s clips; megaflamingo.synthetic)
+1. generate a labelled synthetic audio dataset (8 sound classes, 3-12 s clips; megaflamingo.testing.sounds)
 2. preprocess it to Arrow with the `tiny` encoder (`megaflamingo-preprocess embed`) and build
    kNN few-shot manifests (`megaflamingo-preprocess knn`)
 3. train a tiny model with DeepSpeed ZeRO-3 on 2 CPU processes (`torchrun ... megaflamingo-train`),
@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from megaflamingo import synthetic
+from megaflamingo.config.loader import resolve_config_path
+from megaflamingo.testing import sounds as synthetic
 
 DS_NAME = f"{synthetic.DATASET}-{synthetic.TASK}"
 
@@ -56,7 +57,7 @@ class Options:
     max_fewshot: int = 4
     min_accuracy: float = 0.9
     fresh: bool = False
-    config: str = "configs/tiny_cpu.yaml"
+    config: str = "tiny_cpu"  # a path, or the name of a config shipped with the package
 
 
 def _py_module(mod: str) -> list[str]:
@@ -89,7 +90,7 @@ class Pipeline:
         full_env.update(env or {})
         with open(log, "w", encoding="utf-8") as f:
             proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=full_env, cwd=self.repo_root())
+                                    text=True, env=full_env)
             tail: list[str] = []
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -107,11 +108,6 @@ class Pipeline:
         # DeepSpeed / torch print a lot at start-up; the log file keeps everything.
         return any(s in line for s in ("[WARNING]", "warnings.warn", "FutureWarning", "UserWarning",
                                        "[INFO] [real_accelerator", "DeprecationWarning"))
-
-    @staticmethod
-    def repo_root() -> str:
-        # configs/ and ds_configs/ are looked up relative to the checkout (where `make` runs).
-        return os.getcwd()
 
     def step(self, name: str, done: Path, fn) -> None:
         t0 = time.time()
@@ -138,7 +134,7 @@ class Pipeline:
 
     def embed(self) -> None:
         for split in ("train", "val", "test"):
-            self.sh(f"embed-{split}", _py_module("preprocess.cli") + [
+            self.sh(f"embed-{split}", _py_module("megaflamingo.cli.preprocess") + [
                 "embed", "--manifest", self.manifest(split), "--data-root", self.data,
                 "--out", self.split_dir(split), "--encoder", "tiny", "--embed-dim", self.o.embed_dim,
                 "--workers", "1", "--batch-size", "16", "--no-progress"])
@@ -146,7 +142,7 @@ class Pipeline:
     def knn(self) -> None:
         # Few-shot interleaved samples: each train/val row gets k-1 neighbours from train.
         for split in ("train", "val"):
-            self.sh(f"knn-{split}", _py_module("preprocess.cli") + [
+            self.sh(f"knn-{split}", _py_module("megaflamingo.cli.preprocess") + [
                 "knn", "--train-dir", self.split_dir("train"), "--split-dir", self.split_dir(split),
                 "--k", self.o.knn_k, "--seed", self.o.seed])
 
@@ -156,9 +152,9 @@ class Pipeline:
         import yaml
 
         o = self.o
-        src = Path(self.repo_root()) / o.config
+        src = resolve_config_path(o.config)
         if not src.is_file():
-            raise QuickstartError(f"{src} not found: run the quickstart from the repository root")
+            raise QuickstartError(f"config {o.config} not found (a path, or a shipped config name such as tiny_cpu)")
         raw = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
         model, enc = raw.setdefault("model", {}), raw.setdefault("encoder", {})
         data, train = raw.setdefault("data", {}), raw.setdefault("train", {})
@@ -192,7 +188,7 @@ class Pipeline:
         cfg = self.write_config()
         cmd = _py_module("torch.distributed.run") + [
             "--standalone", "--nnodes", "1", "--nproc_per_node", self.o.nproc,
-            "-m", "megaflamingo.engine.cli", "--config", cfg]
+            "-m", "megaflamingo.cli.train", "--config", cfg]
         self.sh("train", cmd)
 
     def tensorboard_dir(self) -> Path:
@@ -202,14 +198,14 @@ class Pipeline:
         return self.run_dir / "checkpoints"
 
     def convert(self) -> None:
-        conv = _py_module("tools.convert")
+        conv = _py_module("megaflamingo.cli.convert")
         self.sh("zero-to-fp32", conv + ["zero-to-fp32", self.checkpoint_dir(), self.fp32])
         self.sh("export", conv + ["export", self.checkpoint_dir(), self.export])
         # A deliberately tiny part size so the split/merge path is exercised on a small model.
         self.sh("split", conv + ["split", self.fp32, self.parts, "--max-size", "1MB"])
 
     def infer(self) -> None:
-        self.sh("infer", _py_module("megaflamingo.inference.cli") + [
+        self.sh("infer", _py_module("megaflamingo.cli.infer") + [
             "--model", self.export, "--manifest", self.manifest("test"), "--data-root", self.data,
             "--out", self.preds, "--batch-size", "16", "--max-new-tokens", "8",
             "--metrics-out", self.out / "metrics.json"])

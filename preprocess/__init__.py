@@ -1,1 +1,2 @@
-"""Offline preprocessing: `megaflamingo-preprocess` (see preprocess/cli.py)."""
+"""``python -m preprocess`` from a checkout = ``megaflamingo-preprocess`` (megaflamingo/cli/preprocess.py).
+Not installed: the installed package is ``megaflamingo`` only."""

@@ -1,3 +1,3 @@
-from preprocess.cli import main
+from megaflamingo.cli.preprocess import main
 
 raise SystemExit(main())

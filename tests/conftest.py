@@ -34,7 +34,7 @@ def _quiet_threads(monkeypatch):
 @pytest.fixture
 def torchvision_stub(monkeypatch):
     """LAION-CLAP's htsat imports `torchvision.ops.misc.FrozenBatchNorm2d` (only for freezing,
-    never for inference); torchvision cannot be imported on these CPU machines (DESIGN.md §5),
+    never for inference); torchvision cannot be imported on these CPU machines (only CUDA builds exist here),
     so tests (preprocessing and inference) provide that one name."""
     import torch
     import transformers  # noqa: F401  (it probes torchvision at import; do that before stubbing)

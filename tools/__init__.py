@@ -1,1 +1,2 @@
-"""tools: thin CLIs over megaflamingo.checkpoint (`megaflamingo-convert`, `python -m tools`)."""
+"""``python -m tools`` from a checkout = ``megaflamingo-convert`` (megaflamingo/cli/convert.py).
+Not installed: the installed package is ``megaflamingo`` only."""

@@ -1,6 +1,3 @@
-"""`python -m tools` = `megaflamingo-convert`."""
-import sys
+from megaflamingo.cli.convert import main
 
-from tools.convert import main
-
-sys.exit(main())
+raise SystemExit(main())

@@ -1,7 +1,8 @@
-"""Safe file handling for checkpoints: atomic writes, sha256, size parsing and restricted torch loads.
+"""Safe file handling for checkpoints: hashed atomic writes, sha256, size parsing and restricted torch loads.
 
-Every write goes to a temporary file in the destination directory and is renamed into place only once it
-is complete (and fsynced), so a crash never leaves a half-written part under its final name. Every torch
+Every write goes through :func:`megaflamingo.io.atomic_path` (a temporary file in the destination
+directory, renamed into place once complete and fsynced), so a crash never leaves a half-written part
+under its final name. Every torch
 load uses ``weights_only=True``; files that need arbitrary pickled objects are refused unless the user
 explicitly trusts them.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
+
+from megaflamingo.io import atomic_path
 
 PathLike = Union[str, os.PathLike]
 _CHUNK = 16 << 20
@@ -136,22 +139,6 @@ def verify_file(path: PathLike, size: Optional[int], sha256: Optional[str], prog
 # ----------------------------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
 def atomic_open(path: PathLike) -> Iterator[HashingWriter]:
     """Open ``path`` for binary writing through a temp file; yields a HashingWriter (``.size``, ``.hexdigest()``)."""
     with atomic_path(path) as tmp:
@@ -159,11 +146,6 @@ def atomic_open(path: PathLike) -> Iterator[HashingWriter]:
             w = HashingWriter(f)
             yield w
             f.flush()
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    with atomic_open(path) as w:
-        w.write(text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------- torch loads

@@ -96,10 +96,6 @@ class TensorSource:
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.refs)
 
-    @property
-    def largest_bytes(self) -> int:
-        return max((r.nbytes for r in self.refs), default=0)
-
     def materialize(self) -> dict[str, torch.Tensor]:
         """Load everything (ties re-created as the same tensor object)."""
         sd = {r.name: r.load() for r in self.refs}

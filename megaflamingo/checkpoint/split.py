@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .integrity import CheckpointError, atomic_write_text, format_size
+from megaflamingo.io import atomic_write_text
+
+from .integrity import CheckpointError, format_size
 from .source import ST_DTYPES, TensorSource
 from .streaming import (Entry, FileRecord, Progress, safetensors_overhead, torch_overhead, write_safetensors,
                         write_torch)

@@ -17,7 +17,9 @@ from typing import Mapping, Optional
 
 import torch
 
+from megaflamingo.model.config import AudioTransformerConfig, ModelConfig, XattnConfig
 from megaflamingo.model.flamingo import AudioFlamingo
+from megaflamingo.tokens import SpecialTokens
 
 DECODER_ALIAS = "lang_encoder.old_decoder_blocks."
 XATTN_ALIAS = "lang_encoder.gated_cross_attn_layers."
@@ -25,7 +27,8 @@ _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 
 def build_model(model_config: Mapping, clap_config: Mapping, lm_config, token_ids: Mapping) -> AudioFlamingo:
-    """AF1-YAML-shaped ``model_config`` / ``clap_config`` dicts + a transformers config (random init)."""
+    """AF1-YAML-shaped ``model_config`` / ``clap_config`` dicts + a transformers config (random init).
+    ``token_ids``: a :class:`~megaflamingo.tokens.SpecialTokens` or the plain dict of the six ids."""
     from transformers import AutoModelForCausalLM
 
     atk = dict(model_config.get("audio_transformer_kwargs") or {})
@@ -35,32 +38,25 @@ def build_model(model_config: Mapping, clap_config: Mapping, lm_config, token_id
     for k in ("audio_embed_dim", "max_num_window", "max_num_fewshot"):
         if k not in clap_config:
             raise ValueError(f"clap_config.{k} is required (AF1 YAML)")
-    if atk["max_window_per_audio"] != clap_config["max_num_window"]:
-        raise ValueError(
-            f"model_config.audio_transformer_kwargs.max_window_per_audio={atk['max_window_per_audio']} must "
-            f"equal clap_config.max_num_window={clap_config['max_num_window']}"
-        )
-    vocab = lm_config.vocab_size
-    for k in ("media", "eoc", "sep", "pad", "bos", "eos"):
-        if k not in token_ids:
-            raise ValueError(f"token_ids is missing {k!r}")
-        if not 0 <= int(token_ids[k]) < vocab:
-            raise ValueError(f"token_ids[{k!r}]={token_ids[k]} >= lm_config.vocab_size={vocab}")
-    lm = AutoModelForCausalLM.from_config(lm_config)
-    return AudioFlamingo(
-        lm, dict(token_ids),
+    cfg = ModelConfig(
         audio_embed_dim=int(clap_config["audio_embed_dim"]),
-        windows_per_audio=int(clap_config["max_num_window"]),
+        max_num_window=int(clap_config["max_num_window"]),
         max_num_fewshot=int(clap_config["max_num_fewshot"]),
-        audio_n_head=int(atk["n_head"]), audio_n_layers=int(atk["n_layers"]), audio_d_inner=int(atk["d_inner"]),
-        audio_n_position=int(atk["max_num_media"]),
-        audio_attn_dropout=float(atk.get("dropout", 0.1)),
-        xattn_every_n_layers=int(model_config.get("cross_attn_every_n_layers", 1)),
+        audio_transformer=AudioTransformerConfig(
+            n_head=int(atk["n_head"]), n_layers=int(atk["n_layers"]), d_inner=int(atk["d_inner"]),
+            dropout=float(atk.get("dropout", 0.1)), max_num_media=int(atk["max_num_media"]),
+            max_window_per_audio=int(atk["max_window_per_audio"])),
+        xattn=XattnConfig(every_n_layers=int(model_config.get("cross_attn_every_n_layers", 1))),
         decoder_layers_path=model_config.get("decoder_layers_attr_name"),
     )
+    cfg.validate("AF1 YAML")
+    tokens = SpecialTokens.of(token_ids)
+    tokens.check_vocab(lm_config.vocab_size, "lm_config.vocab_size")
+    return AudioFlamingo(AutoModelForCausalLM.from_config(lm_config), tokens, cfg)
 
 
-def _layers_prefix(model: AudioFlamingo) -> str:
+def layers_prefix(model: AudioFlamingo) -> str:
+    """``lang_encoder.<path of the LM's decoder-layer list>.`` in our key names."""
     return f"lang_encoder.{model.decoder_layers_path}."
 
 
@@ -69,7 +65,7 @@ def export_state_dict(model: AudioFlamingo) -> dict[str, torch.Tensor]:
 
     Under ZeRO-3 gather the parameters first (e.g. export from a consolidated fp32 state dict)."""
     sd = model.state_dict()
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     pat = re.compile(re.escape(prefix) + r"(\d+)\.(decoder_layer|gated_cross_attn_layer)\.(.+)$")
     dec_alias, xattn_alias = {}, {}
     for k, v in sd.items():
@@ -84,7 +80,10 @@ def export_state_dict(model: AudioFlamingo) -> dict[str, torch.Tensor]:
     return out
 
 
-def _canonical_key(k: str, prefix: str) -> str:
+def canonical_key(k: str, prefix: str) -> str:
+    """Our name of an AF1 / DeepSpeed / FSDP key: ``module.`` prefixes and wrapper infixes stripped, the
+    ``old_decoder_blocks`` / ``gated_cross_attn_layers`` aliases mapped onto the layers under ``prefix``
+    (:func:`layers_prefix`)."""
     while k.startswith("module."):
         k = k[len("module."):]
     for infix in _WRAPPER_INFIXES:
@@ -98,6 +97,13 @@ def _canonical_key(k: str, prefix: str) -> str:
     return k
 
 
+def canonical_state_dict(model: AudioFlamingo, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` (ours, AF1's, ``module.``-prefixed, with aliases) under our key names; ``clap.*`` (the audio
+    encoder, run offline here) dropped. Duplicates (an alias and its original) collapse to one entry."""
+    prefix = layers_prefix(model)
+    return {canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
+
+
 def _names(keys, n: int = 12) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
@@ -109,7 +115,7 @@ def load_state_dict(model: AudioFlamingo, sd: Mapping[str, torch.Tensor], strict
     ``clap.*`` keys). Raises ValueError naming missing / unexpected / mismatching keys.
 
     ``strict=False`` allows missing keys (e.g. AF1's trainable-only checkpoints); they are returned."""
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     expected = model.state_dict()
     merged: dict[str, torch.Tensor] = {}
     ignored_clap, aliases = [], 0
@@ -120,7 +126,7 @@ def load_state_dict(model: AudioFlamingo, sd: Mapping[str, torch.Tensor], strict
         if bare.startswith("clap."):
             ignored_clap.append(k)
             continue
-        ck = _canonical_key(k, prefix)
+        ck = canonical_key(k, prefix)
         if ck != bare:
             aliases += 1
         if ck in merged:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "DataError": "megaflamingo.data.reader",
     "TemplateRegistry": "megaflamingo.data.templates",
     "Collator": "megaflamingo.data.collate",
+    "Source": "megaflamingo.data.sources",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from megaflamingo import io
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -75,50 +76,18 @@ def arrow_schema(embed_dim: int, dtype: str = "float16", clip_dim: int | None = 
 # atomic file helpers
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; finished files get normal modes
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON deterministically (sorted keys) via temp file + rename."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    io.atomic_write_json(path, obj)
 
 
 def atomic_write_table(path: str | os.PathLike, table: pa.Table,
                        max_chunksize: int | None = None) -> None:
     """Write `table` as an Arrow IPC file via temp file + fsync + rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink:
+    with io.atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max_chunksize)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def open_arrow_file(path: str | os.PathLike) -> pa.Table:
@@ -215,11 +184,6 @@ def created_by() -> str:
         return f"megaflamingo {version('megaflamingo')}"
     except Exception:  # not installed (running from a source tree)
         return "megaflamingo (source)"
-
-
-def shard_files(directory: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> list[Path]:
-    meta = read_metadata(directory) if meta is None else meta
-    return [Path(directory) / s["file"] for s in meta["shards"]]
 
 
 def open_shards(directory: str | os.PathLike) -> list[pa.Table]:

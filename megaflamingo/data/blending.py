@@ -22,6 +22,8 @@ import numpy as np
 
 
 def af1_seed(text: str) -> int:
+    """AF1's deterministic seed for a string: the sum of its code points (blend shuffles, and the
+    per-sample template choice of validation)."""
     return sum(map(ord, text))
 
 

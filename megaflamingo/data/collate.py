@@ -1,4 +1,9 @@
-"""Batching: right padding to the longest sample, AF1 labels, audio slots, optional length grouping."""
+"""Batching: right padding to the longest sample, AF1 labels, and the audio window slots.
+
+Audio: audio k (0-based) of a sample owns window slots ``[k*W, (k+1)*W)``; its windows fill the first
+``num_windows`` slots (mask 1). Every other slot holds the dataset's embedding of a silent window
+(mask 0), which is what AF1's zero-padded audio produced after the encoder.
+"""
 from __future__ import annotations
 
 import warnings
@@ -7,8 +12,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from megaflamingo.data.assemble import fill_audio_slots
-from megaflamingo.data.labels import IGNORE_INDEX, build_labels
+from megaflamingo.tokens import IGNORE_INDEX, SpecialTokens
+
+from .labels import build_labels
+from .reader import DataError
 
 
 class Collator:
@@ -23,9 +30,9 @@ class Collator:
     only such rows would give a NaN loss).
     """
 
-    def __init__(self, token_ids: Mapping[str, int], num_slots: int, max_windows: int, embed_dim: int,
+    def __init__(self, tokens: SpecialTokens | Mapping[str, int], num_slots: int, max_windows: int, embed_dim: int,
                  skip_unsupervised: bool = True):
-        self.token_ids = dict(token_ids)
+        self.tokens = SpecialTokens.of(tokens)
         self.num_slots = int(num_slots)
         self.max_windows = int(max_windows)
         self.embed_dim = int(embed_dim)
@@ -47,7 +54,7 @@ class Collator:
     def _collate(self, samples: Sequence[Mapping]) -> dict:
         B = len(samples)
         T = max((len(s["input_ids"]) for s in samples), default=0)
-        ids = np.full((B, T), int(self.token_ids["pad"]), dtype=np.int64)
+        ids = np.full((B, T), self.tokens.pad, dtype=np.int64)
         att = np.zeros((B, T), dtype=np.int64)
         audio = torch.empty((B, self.num_slots, self.embed_dim), dtype=torch.float32)
         amask = torch.zeros((B, self.num_slots), dtype=torch.bool)
@@ -63,47 +70,31 @@ class Collator:
         return {
             "input_ids": input_ids,
             "attention_mask": torch.from_numpy(att),
-            "labels": build_labels(input_ids, self.token_ids),
+            "labels": build_labels(input_ids, self.tokens),
             "audio_embeds": audio,
             "audio_mask": amask,
             "dataset": [s["dataset"] for s in samples],
         }
 
 
-def length_grouped_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int,
-                           generator: torch.Generator, megabatch_mult: int = 32) -> list[np.ndarray]:
-    """Split ``indices`` (already shuffled) into batches of similar length: sort inside
-    megabatches of ``batch_size * megabatch_mult`` (longest first), cut into batches, shuffle
-    the batch order. Deterministic under ``generator``; every index appears exactly once."""
-    mb = batch_size * megabatch_mult
-    batches: list[np.ndarray] = []
-    for lo in range(0, len(indices), mb):
-        chunk = indices[lo:lo + mb]
-        order = np.argsort(-lengths[lo:lo + mb], kind="stable")
-        chunk = chunk[order]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    perm = torch.randperm(len(batches), generator=generator).numpy()
-    return [batches[i] for i in perm]
-
-
-def af1_distributed_indices(n: int, rank: int, world_size: int, shuffle: bool, seed: int = 0,
-                            epoch: int = 0) -> np.ndarray:
-    """The indices torch's DistributedSampler gives ``rank`` (drop_last=False), as AF1 used it."""
-    if shuffle:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        idx = torch.randperm(n, generator=g).numpy()
-    else:
-        idx = np.arange(n)
-    if n == 0:
-        return idx.astype(np.int64)
-    total = -(-n // world_size) * world_size
-    pad = total - n
-    if pad:
-        reps = -(-pad // n)
-        idx = np.concatenate([idx, np.tile(idx, reps)[:pad]])
-    return idx[rank:total:world_size].astype(np.int64)
-
-
-def chunk(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+def fill_audio_slots(out, mask, windows: Sequence[np.ndarray], silence: np.ndarray, max_windows: int) -> None:
+    """Write one sample's audio into ``out`` [L, D] / ``mask`` [L] (preallocated torch tensors or
+    numpy arrays). Unused slots get ``silence`` and mask 0."""
+    L = out.shape[0]
+    if len(windows) * max_windows > L:
+        raise DataError(f"sample has {len(windows)} audios but the model has room for "
+                        f"{L // max_windows} (model.max_num_fewshot)")
+    if isinstance(out, np.ndarray):
+        out[:] = silence
+        mask[:] = False
+        put = lambda lo, w: out.__setitem__(slice(lo, lo + len(w)), w)  # noqa: E731
+    else:  # torch copies (with dtype conversion) are vectorised, numpy's float16 casts are not
+        out.copy_(torch.from_numpy(np.asarray(silence, dtype=np.float32)).expand_as(out))
+        mask.zero_()
+        put = lambda lo, w: out[lo:lo + len(w)].copy_(torch.from_numpy(w))  # noqa: E731
+    for k, w in enumerate(windows):
+        n = w.shape[0]
+        if n == 0 or n > max_windows:
+            raise DataError(f"audio {k} has {n} windows (allowed 1..{max_windows})")
+        put(k * max_windows, w)
+        mask[k * max_windows:k * max_windows + n] = True

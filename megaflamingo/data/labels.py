@@ -16,19 +16,22 @@ running maximum over event positions gives without any Python loop; step 3 is a 
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Union
 
 import torch
 
-IGNORE_INDEX = -100
+from megaflamingo.tokens import IGNORE_INDEX, SpecialTokens
 
 
-def build_labels(input_ids: torch.Tensor, token_ids: Mapping[str, int]) -> torch.LongTensor:
-    """Labels for ``input_ids`` [B, T] (or [T]) under AF1's rules; returns a new LongTensor."""
+def build_labels(input_ids: torch.Tensor, token_ids: Union[SpecialTokens, Mapping[str, int]]) -> torch.LongTensor:
+    """Labels for ``input_ids`` [B, T] (or [T]) under AF1's rules; returns a new LongTensor.
+    ``token_ids``: a SpecialTokens, or a plain dict with at least media, eoc, sep, pad, eos."""
     if input_ids.dim() == 1:
         return build_labels(input_ids.unsqueeze(0), token_ids)[0]
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if isinstance(token_ids, SpecialTokens):
+        token_ids = token_ids.as_dict()
     for key in ("media", "eoc", "sep", "pad", "eos"):
         if key not in token_ids or token_ids[key] is None:
             raise ValueError(f"token_ids lacks {key!r} (needs media, eoc, sep, pad, eos)")
@@ -65,8 +68,3 @@ def build_labels(input_ids: torch.Tensor, token_ids: Mapping[str, int]) -> torch
             erase = cut.unsqueeze(1) & (pos > stop.unsqueeze(1))
             labels = labels.masked_fill(erase, IGNORE_INDEX)
     return labels
-
-
-def count_supervised(labels: torch.Tensor) -> torch.Tensor:
-    """Number of tokens per row that contribute to the loss."""
-    return (labels != IGNORE_INDEX).sum(dim=-1)

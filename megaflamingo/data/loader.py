@@ -20,11 +20,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megaflamingo.config import DataConfig, DatasetEntry, ModelConfig
-from megaflamingo.data.assemble import FastEncoder, SpecialText, Source, build_parts
-from megaflamingo.data.blending import EpochPlan, pass_permutation, plan_epoch
-from megaflamingo.data.collate import Collator, af1_distributed_indices, chunk, length_grouped_batches
-from megaflamingo.data.reader import DataError
-from megaflamingo.data.templates import TemplateRegistry
+from megaflamingo.tokens import SpecialTokens
+
+from .blending import EpochPlan, pass_permutation, plan_epoch
+from .collate import Collator
+from .reader import DataError
+from .sampling import af1_distributed_indices, chunk, length_grouped_batches
+from .sources import Source
+from .templates import TemplateRegistry
+from .text import SpecialText, build_parts
+from .tokenize import FastEncoder
 
 STATE_VERSION = 1
 # Page-locked batches make the trainer's non_blocking host-to-GPU copies actually asynchronous.
@@ -34,7 +39,7 @@ _PIN = torch.cuda.is_available()
 # --------------------------------------------------------------------------------------- setup
 
 
-def _unpack(cfg: Any, model_cfg, encoder_cfg, batch_size):
+def _sections(cfg: Any, model_cfg, encoder_cfg, batch_size):
     """Accept the root Config or its ``data`` section."""
     if hasattr(cfg, "data") and hasattr(cfg, "model"):
         model_cfg = model_cfg or cfg.model
@@ -99,9 +104,10 @@ def _entry_for_task(blend: Mapping[str, DatasetEntry], flamingo_task: str, own: 
 class _SampleBuilder:
     """Shared per-sample logic of the train and validation datasets."""
 
-    def __init__(self, sources: list[Source], tokenizer, token_ids, registry: TemplateRegistry, max_tokens: int):
+    def __init__(self, sources: list[Source], tokenizer, tokens: SpecialTokens, registry: TemplateRegistry,
+                 max_tokens: int):
         self.sources = sources
-        self.special = SpecialText.from_tokenizer(tokenizer, token_ids)
+        self.special = SpecialText.from_tokenizer(tokenizer, SpecialTokens.of(tokens))
         self.encoder = FastEncoder(tokenizer, self.special)
         self.registry = registry
         self.max_tokens = int(max_tokens)
@@ -255,7 +261,7 @@ class TrainLoader:
         self.skipped = int(state.get("skipped", 0))
 
 
-def build_train_loader(data_cfg, tokenizer, token_ids: Mapping[str, int], rank: int = 0, world_size: int = 1,
+def build_train_loader(data_cfg, tokenizer, token_ids: SpecialTokens, rank: int = 0, world_size: int = 1,
                        seed: int = 42, *, batch_size: Optional[int] = None, model_cfg: Optional[ModelConfig] = None,
                        encoder_cfg=None, num_workers: Optional[int] = None, af1_exact_blend: bool = False,
                        epoch: int = 0) -> TrainLoader:
@@ -264,7 +270,7 @@ def build_train_loader(data_cfg, tokenizer, token_ids: Mapping[str, int], rank: 
     ``data_cfg`` may be the root Config (then model/encoder/batch size come from it) or
     ``cfg.data`` (then pass ``batch_size=cfg.train.micro_batch_size`` and ``model_cfg=cfg.model``).
     """
-    data_cfg, model_cfg, encoder_cfg, batch_size = _unpack(data_cfg, model_cfg, encoder_cfg, batch_size)
+    data_cfg, model_cfg, encoder_cfg, batch_size = _sections(data_cfg, model_cfg, encoder_cfg, batch_size)
     if batch_size is None or int(batch_size) <= 0:
         raise TypeError("build_train_loader needs batch_size (cfg.train.micro_batch_size) when given cfg.data")
     if not 0 <= rank < world_size:
@@ -357,7 +363,7 @@ def inference_settings(blend: Mapping[str, DatasetEntry], flamingo_task: str) ->
     return _eval_augmentations(entry), (1.0 if entry.prefix_prob >= 0.5 else 0.0)
 
 
-def build_valid_loaders(data_cfg, tokenizer, token_ids: Mapping[str, int], rank: int = 0, world_size: int = 1,
+def build_valid_loaders(data_cfg, tokenizer, token_ids: SpecialTokens, rank: int = 0, world_size: int = 1,
                         *, batch_size: Optional[int] = None, model_cfg: Optional[ModelConfig] = None,
                         encoder_cfg=None, num_workers: Optional[int] = None, max_samples: Optional[int] = 64,
                         max_tokens: Optional[int] = None) -> dict[str, ValidLoader]:
@@ -367,7 +373,7 @@ def build_valid_loaders(data_cfg, tokenizer, token_ids: Mapping[str, int], rank:
     (AF1 used 64; None = all), split over ranks like DistributedSampler(shuffle=False), text
     truncated at ``5 * data.max_tokens`` unless ``max_tokens`` is given.
     """
-    data_cfg, model_cfg, encoder_cfg, batch_size = _unpack(data_cfg, model_cfg, encoder_cfg, batch_size)
+    data_cfg, model_cfg, encoder_cfg, batch_size = _sections(data_cfg, model_cfg, encoder_cfg, batch_size)
     if batch_size is None or int(batch_size) <= 0:
         raise TypeError("build_valid_loaders needs batch_size (cfg.train.micro_batch_size) when given cfg.data")
     names = list(data_cfg.valid)

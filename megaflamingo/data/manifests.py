@@ -16,6 +16,8 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaflamingo.io import atomic_path
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 
 
@@ -258,8 +260,7 @@ def build_manifest(folder: str | os.PathLike, labels: str | os.PathLike, out: st
     for rel in present:
         by_name.setdefault(posixpath.basename(rel), []).append(rel)
     written, missing, used = 0, [], set()
-    tmp = Path(str(out) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r, row in enumerate(rows):
             fkey = next((k for k in _FILE_KEYS if row.get(k)), None)
             tkey = next((k for k in _TEXT_KEYS if row.get(k) not in (None, "")), None)
@@ -286,6 +287,5 @@ def build_manifest(folder: str | os.PathLike, labels: str | os.PathLike, out: st
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             written += 1
             used.add(rel)
-    os.replace(tmp, out)
     return {"written": written, "labels_without_audio": missing,
             "audio_without_labels": sorted(set(present) - used)}

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .blending import af1_seed
+
 ANSWER_SUFFIX = "\nAnswer:"
 
 # AF1 maps raw emotion names onto one spelling when listing the options of an emotion task.
@@ -167,11 +169,6 @@ MUSIC_CAPTION_DATASETS = ["musiccaps"]
 
 class TemplateError(ValueError):
     """A template/augmentation definition or use is invalid (message names the entry)."""
-
-
-def af1_seed(text: str) -> int:
-    """AF1's deterministic seed for a string: the sum of its code points."""
-    return sum(map(ord, text))
 
 
 def _clause_hits(task: str, clause: Mapping[str, Sequence[str]]) -> bool:

@@ -1,8 +1,7 @@
-"""Build everything a run needs from a Config: tokenizer, (partitioned) LM, AudioFlamingo, loaders,
-and the pre-flight checks that must fail before any rank starts training."""
+"""Build everything a run needs from a Config: tokenizer, (partitioned) model, initial weights,
+loaders, and the pre-flight checks that must fail before any rank starts training."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -10,87 +9,41 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megaflamingo.checkpoint.integrity import CheckpointError
+from megaflamingo.checkpoint.load import open_checkpoint
+from megaflamingo.compat.af1 import canonical_state_dict
 from megaflamingo.config import Config, ConfigError
+from megaflamingo.data import arrow_format as af
+from megaflamingo.data import build_train_loader, build_valid_loaders
+from megaflamingo.data.reader import parse_blend_name
+from megaflamingo.model.build import build_lm, build_model
+from megaflamingo.model.build import lm_hidden_size as model_lm_hidden_size
+from megaflamingo.model.build import lm_max_positions as model_lm_max_positions
+from megaflamingo.model.freeze import apply_freeze_policy, policy_from_train_config
+from megaflamingo.tokens import SpecialTokens, build_tokenizer
 
 from .distributed import comm_device
 
 log = logging.getLogger("megaflamingo.train")
 
 
-# ------------------------------------------------------------------------------------------ tokenizer
-
-
-def build_tokenizer(cfg: Config):
-    from megaflamingo.testing import EOC_TOKEN, MEDIA_TOKEN, SEP_TOKEN, token_ids, tiny_tokenizer
-
-    name = cfg.model.tokenizer or cfg.model.lm
-    if name in ("tiny", "tiny-opt"):
-        tok = tiny_tokenizer("opt")
-    elif name == "tiny-llama":
-        tok = tiny_tokenizer("llama")
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(name, cache_dir=cfg.model.cache_dir)
-        # AF1 adds its special tokens to the LM's tokenizer (<SEP> as sep, <audio>/<|endofchunk|> extra).
-        extra = [t for t in (MEDIA_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()]
-        special = {"additional_special_tokens": extra} if extra else {}
-        if SEP_TOKEN not in tok.get_vocab():
-            special["sep_token"] = SEP_TOKEN
-        if tok.pad_token is None:
-            special["pad_token"] = "<PAD>"
-        if special:
-            tok.add_special_tokens(special)
-        tok.padding_side = "right"
-    return tok, token_ids(tok)
-
-
 # ------------------------------------------------------------------------------------------ model
 
 
-def build_lm(cfg: Config, vocab_size: int, ds_config: Optional[dict]) -> nn.Module:
-    """The HF causal LM; partitioned while it is built (zero.Init through transformers' DeepSpeed
-    integration) when ZeRO-3 and ``deepspeed.zero_init`` are on, so a 7B LM never exists whole."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    m = cfg.model
-    zero3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
-    hf_ds = None
-    if zero3 and cfg.deepspeed.zero_init:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay referenced while the LM is built
-    kw = dict(attn_implementation=m.attn_implementation)
-    if m.lm_config is not None:
-        conf = dict(m.lm_config)
-        conf_obj = AutoConfig.for_model(conf.pop("model_type"), **conf)
-        lm = AutoModelForCausalLM.from_config(conf_obj, **kw)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(m.lm, cache_dir=m.cache_dir, dtype=torch.float32, **kw)
-    # Exactly len(tokenizer) rows, as AF1 (resize_token_embeddings(len(text_tokenizer))): OPT ships
-    # 50272 rows, AF1's tokenizer has 50268 tokens, so AF1 checkpoints hold 50268-row embeddings.
-    if lm.get_input_embeddings().num_embeddings != vocab_size:
-        lm.resize_token_embeddings(vocab_size)
-    del hf_ds
-    return lm
+def build_run_tokenizer(cfg: Config):
+    """The run's tokenizer and its special-token ids."""
+    tok = build_tokenizer(cfg.model.tokenizer or cfg.model.lm, cache_dir=cfg.model.cache_dir)
+    return tok, SpecialTokens.from_tokenizer(tok)
 
 
-def build_flamingo(cfg: Config, lm: nn.Module, token_ids: dict, ds_config: Optional[dict]) -> nn.Module:
-    from megaflamingo.model import apply_freeze_policy, build_model, policy_from_train_config
-
-    zero3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
-    ctx = contextlib.nullcontext()
-    if zero3 and cfg.deepspeed.zero_init:
-        import deepspeed
-
-        # The xattn blocks of a 1.3B LM are ~0.9B parameters: partition them at creation too.
-        # dtype follows the config (passing dtype= explicitly picks bf16 on CPU in DeepSpeed 0.19).
-        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
-    with ctx:
-        model = build_model(cfg.model, lm=lm, token_ids=token_ids)
+def build_run_model(cfg: Config, tokenizer, tokens: SpecialTokens, ds_config: Optional[dict]) -> nn.Module:
+    """LM + AudioFlamingo, partitioned at creation under ZeRO-3 (``deepspeed.zero_init``), with the
+    stage's freeze policy applied."""
+    zero_init = cfg.deepspeed.zero_init
+    lm = build_lm(cfg.model, len(tokenizer), ds_config, zero_init)
+    model = build_model(cfg.model, lm, tokens, ds_config, zero_init)
     policy, emb = policy_from_train_config(cfg.train)
-    report = apply_freeze_policy(model, policy, emb)
-    log.info("%s", report)
+    log.info("%s", apply_freeze_policy(model, policy, emb))
     return model
 
 
@@ -111,7 +64,7 @@ def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
     sd, header, error = {}, None, None
     if reader:
         try:
-            sd = _canonical_state_dict(model, Path(path))
+            sd = _read_init_weights(model, path)
             header = {"shapes": {k: tuple(v.shape) for k, v in sd.items()}}
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, then re-raise
             error, header = e, {"error": f"{type(e).__name__}: {e}"}
@@ -162,74 +115,25 @@ def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:
     return {"loaded": loaded, "missing": missing}
 
 
-def _canonical_state_dict(model: nn.Module, p: Path) -> dict:
-    from megaflamingo.compat.af1 import _canonical_key, _layers_prefix
-
-    sd = _read_state_dict(p)
-    prefix = _layers_prefix(model)
-    return {_canonical_key(k, prefix): v for k, v in sd.items() if not k.split("module.")[-1].startswith("clap.")}
-
-
-def _read_state_dict(p: Path) -> dict:
-    if p.is_dir():
-        if (p / "latest").is_file() or any(p.glob("*/megaflamingo.json")) or any(p.glob("*model_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            tag = None
-            if any(p.glob("*model_states.pt")):
-                p, tag = p.parent, p.name
-            return get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
-        files = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.pt")) + list(p.glob("*.bin")))
-        if not files:
-            raise FileNotFoundError(f"train.init_from={p}: no checkpoint files in the directory")
-        sd = {}
-        for f in files:  # AF1's 5-part release merges by dict update
-            sd.update(_read_state_dict(f))
-        return sd
-    if not p.is_file():
+def _read_init_weights(model: nn.Module, path: str) -> dict:
+    """The checkpoint under our key names (AF1 aliases and ``module.`` prefixes mapped, ``clap.*`` dropped),
+    read through the checkpoint tools' one reader (verified, restricted loads)."""
+    p = Path(path)
+    if not p.exists():
         raise FileNotFoundError(f"train.init_from={p}: does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "model_state_dict" in obj:  # AF1's checkpoint layout
-        obj = obj["model_state_dict"]
-    if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
-        obj = obj["module"]
-    return obj
+    try:
+        sd = open_checkpoint(p).materialize()
+    except CheckpointError as e:
+        raise ValueError(f"train.init_from={p}: {e}") from None
+    return canonical_state_dict(model, sd)
 
 
 def lm_hidden_size(cfg: Config) -> Optional[int]:
-    """The LM width from ``model.lm_config`` or the LM's config file (no weights loaded); sizes
-    DeepSpeed's "auto" buckets. None when it cannot be read."""
-    return _lm_config_value(cfg, "hidden_size", "d_model")
+    return model_lm_hidden_size(cfg.model)
 
 
 def lm_max_positions(cfg: Config) -> Optional[int]:
-    """How many positions the LM can embed (OPT: 2048); None when unknown or unbounded (rotary)."""
-    return _lm_config_value(cfg, "max_position_embeddings", "n_positions")
-
-
-def _lm_config_value(cfg: Config, *names: str) -> Optional[int]:
-    m = cfg.model
-    if m.lm_config is not None:
-        conf = m.lm_config
-        get = conf.get
-    else:
-        try:
-            from transformers import AutoConfig
-
-            conf = AutoConfig.from_pretrained(m.lm, cache_dir=m.cache_dir)
-        except Exception:
-            return None
-
-        def get(k):
-            return getattr(conf, k, None)
-    for k in names:
-        if get(k):
-            return int(get(k))
-    return None
+    return model_lm_max_positions(cfg.model)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -237,8 +141,6 @@ def _lm_config_value(cfg: Config, *names: str) -> Optional[int]:
 
 def preflight(cfg: Config) -> list[str]:
     """Check data before any process group exists. Returns the dataset directories; raises ConfigError."""
-    from megaflamingo.data import arrow_format as af
-
     d, src = cfg.data, cfg.source or "<config>"
     if not d.blend:
         raise ConfigError(f"data.blend: no training datasets configured ({src})")
@@ -253,8 +155,6 @@ def preflight(cfg: Config) -> list[str]:
     dirs = []
     for field, names in (("data.blend", list(d.blend)), ("data.valid", list(d.valid))):
         for name in names:
-            from megaflamingo.data.reader import parse_blend_name
-
             # '<ds>-<task>/interleaved_knn-<split>' reads the <split> directory (+ its kNN manifest).
             sd = root / parse_blend_name(name).split_dir
             if not sd.is_dir():
@@ -277,13 +177,9 @@ def preflight(cfg: Config) -> list[str]:
     return dirs
 
 
-def build_loaders(cfg: Config, tokenizer, token_ids: dict, rank: int, world_size: int):
-    try:
-        from megaflamingo.data import build_train_loader, build_valid_loaders
-    except ImportError as e:  # pragma: no cover - the data pipeline ships with the package
-        raise RuntimeError(f"the data pipeline (megaflamingo.data) is not available: {e}") from e
+def build_loaders(cfg: Config, tokenizer, tokens: SpecialTokens, rank: int, world_size: int):
     # The root Config carries micro-batch size, model and encoder settings the loaders check against.
-    train = build_train_loader(cfg, tokenizer, token_ids, rank, world_size, cfg.train.seed)
+    train = build_train_loader(cfg, tokenizer, tokens, rank, world_size, cfg.train.seed)
     valid = {}
     if cfg.data.valid:
         # AF1 cut validation text at 5 x data.max_tokens (2560 for its 512), past OPT's 2048 positions:
@@ -293,5 +189,5 @@ def build_loaders(cfg: Config, tokenizer, token_ids: dict, rank: int, world_size
         if positions is not None and positions < cap:
             log.info("validation text cut at the LM's %d positions (AF1: 5 x data.max_tokens = %d)", positions, cap)
             cap = positions
-        valid = build_valid_loaders(cfg, tokenizer, token_ids, rank, world_size, max_tokens=cap)
+        valid = build_valid_loaders(cfg, tokenizer, tokens, rank, world_size, max_tokens=cap)
     return train, valid

@@ -24,12 +24,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from megaflamingo.io import atomic_write_text, fsync_path
 
 from .distributed import barrier, on_rank0_others_wait
 
@@ -48,14 +50,6 @@ def tag_for(step: int) -> str:
 _OWNER = re.compile(r"(?:pp_rank_|megaflamingo_rank)(\d+)")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_own_files(tag_dir: Path, rank: int) -> list[Path]:
     """Flush the files this rank wrote into ``tag_dir`` (the writer's cache is the one that counts on
     network filesystems), so the completion marker can never reach the disk before a shard does.
@@ -64,21 +58,12 @@ def fsync_own_files(tag_dir: Path, rank: int) -> list[Path]:
     for f in sorted(tag_dir.rglob("*")):
         m = _OWNER.search(f.name)
         if f.is_file() and (int(m.group(1)) if m else 0) == rank:
-            _fsync_path(f)
+            fsync_path(f)
             mine.append(f)
     if rank == 0:
         for d in [tag_dir, *sorted(p for p in tag_dir.rglob("*") if p.is_dir())]:
-            _fsync_path(d)
+            fsync_path(d)
     return mine
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -109,6 +94,27 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of ``ckpt_dir`` whose completion marker exists, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file())
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag ``latest`` names when it is complete; else the newest complete tag (``latest`` lost)."""
+    f = ckpt_dir / LATEST
+    if f.is_file():
+        tag = f.read_text().strip()
+        if _TAG.match(tag) and (ckpt_dir / tag / MARKER).is_file():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
 # ------------------------------------------------------------------------------------------ manager
 
 
@@ -121,19 +127,10 @@ class CheckpointManager:
 
     # -- discovery
     def complete_tags(self) -> list[str]:
-        if not self.dir.is_dir():
-            return []
-        tags = [p.name for p in self.dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
-        return sorted(tags)
+        return complete_tags(self.dir)
 
     def latest_tag(self) -> Optional[str]:
-        f = self.dir / LATEST
-        if f.is_file():
-            tag = f.read_text().strip()
-            if (self.dir / tag / MARKER).is_file():
-                return tag
-        tags = self.complete_tags()  # `latest` lost but complete checkpoints exist
-        return tags[-1] if tags else None
+        return latest_tag(self.dir)
 
     # -- save
     def save(self, engine, step: int, meta: dict, rank_state: dict) -> Path:
@@ -149,9 +146,9 @@ class CheckpointManager:
         fsync_own_files(tag_dir, self.rank)
         barrier()  # every rank's shards and state are on disk
         if self.rank == 0:
-            _atomic_text(tag_dir / MARKER, json.dumps(dict(meta, step=step, world_size=self.world_size), indent=2))
-            _atomic_text(self.dir / LATEST, tag)
-            _fsync_path(self.dir)  # the renames of the marker and `latest`
+            atomic_write_text(tag_dir / MARKER, json.dumps(dict(meta, step=step, world_size=self.world_size), indent=2))
+            atomic_write_text(self.dir / LATEST, tag)
+            fsync_path(self.dir)  # the renames of the marker and `latest`
             self._prune(keep=tag)
         barrier()
         return tag_dir
@@ -214,6 +211,56 @@ class CheckpointManager:
         if not universal and meta.get("world_size") == self.world_size and f.is_file():
             rank_state = torch.load(f, map_location="cpu", weights_only=True)
         return meta, rank_state
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint to resume from: ``dir/tag`` (``dir`` is some run's ``checkpoints/``)."""
+
+    dir: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.tag
+
+    def meta(self) -> dict:
+        return json.loads((self.path / MARKER).read_text())
+
+
+_NO_RESUME = ("none", "never", "false", "")
+
+
+def resolve_resume(spec: str, run_dir: str | Path) -> Optional[ResumePoint]:
+    """What ``train.resume`` / ``--resume`` means, in one place (the trainer resumes from it and the run
+    skips ``train.init_from`` exactly when it is not None):
+
+    * ``none`` (never, false, empty): start fresh;
+    * ``auto``: the newest complete checkpoint of this run (its ``latest``, else the newest tag with a
+      marker), or None when there is none;
+    * a path: a tag dir (``.../step-N`` with a marker), a ``checkpoints/`` dir or a run dir. A path
+      that holds no complete checkpoint is an error, never a silent fresh start.
+
+    Only ``step-<8 digits>`` tags count: a ``step-N-universal`` conversion is a by-product of a resume
+    on another world size, not a checkpoint of its own."""
+    spec = str(spec)
+    if spec.lower() in _NO_RESUME:
+        return None
+    if spec == "auto":
+        d = Path(run_dir) / "checkpoints"
+        tag = latest_tag(d)
+        return ResumePoint(d, tag) if tag is not None else None
+    p = Path(spec)
+    if _TAG.match(p.name) and (p / MARKER).is_file():
+        return ResumePoint(p.parent, p.name)
+    for d in (p, p / "checkpoints"):
+        tag = latest_tag(d)
+        if tag is not None:
+            return ResumePoint(d, tag)
+    if not p.exists():
+        raise FileNotFoundError(f"train.resume={spec!r}: no such directory")
+    raise FileNotFoundError(f"train.resume={spec!r}: no complete checkpoint there (expected a step-N tag dir "
+                            f"with {MARKER}, a checkpoints/ dir or a run dir)")
 
 
 def config_hash(cfg_dict: dict) -> str:

@@ -195,3 +195,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t = t.to(dev)
     return t
+
+
+def all_gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a world of one). For small host-side records
+    (per-dataset sums of a logging window), never for tensors on the hot path."""
+    import torch.distributed as dist
+
+    if not _multi():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

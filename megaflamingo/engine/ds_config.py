@@ -14,22 +14,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megaflamingo.config import Config, ConfigError
-
-# Repository root (ds_configs/ lives there); used to resolve the default relative JSON paths.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from megaflamingo.resources import packaged
 
 def resolve_ds_json(path: str, config_source: Optional[str] = None) -> Path:
-    """Absolute, or relative to the cwd, the stage config's directory's parent, or the repo root."""
+    """Absolute, or relative to the cwd, to the stage config's directory's parent, or one of the
+    JSONs shipped with the package (``ds_configs/zero3.json`` works from any directory, installed or
+    not)."""
     p = Path(path)
     candidates = [p] if p.is_absolute() else [Path.cwd() / p]
     if not p.is_absolute() and config_source and Path(config_source).exists():
         candidates.append(Path(config_source).resolve().parent.parent / p)
-    if not p.is_absolute():
-        candidates.append(_REPO_ROOT / p)
     for c in candidates:
         if c.is_file():
             return c
+    if not p.is_absolute() and p.parts[:1] == ("ds_configs",) and len(p.parts) == 2:
+        shipped = packaged("ds_configs", p.name)
+        if shipped is not None:
+            return shipped
+        candidates.append(Path("<package>") / p)
     raise ConfigError(f"deepspeed.config: DeepSpeed JSON {path!r} not found (looked in "
                       f"{', '.join(str(c) for c in candidates)}) ({config_source or '<config>'})")
 

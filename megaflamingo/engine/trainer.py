@@ -1,10 +1,11 @@
 """The training loop: DeepSpeed engine, loss, NaN guard, metrics, validation, checkpoints, signals.
 
-A *step* is one optimizer update = ``gradient_accumulation_steps`` good micro-batches per rank. A
-micro-batch whose loss is NaN/inf on ANY rank (agreed by an all-reduce before backward) is dropped on
-every rank: no backward, no engine step, so the optimizer, its moments and the LR schedule never see
-it; it is counted and logged, and ``train.max_consecutive_nonfinite`` dropped micro-batches in a row
-abort the run.
+A *step* is one optimizer update = ``gradient_accumulation_steps`` good micro-batches per rank
+(:meth:`Trainer.train_step`); what follows a step (log, validate, save, stop) is
+:meth:`Trainer.after_step`. A micro-batch whose loss is NaN/inf on ANY rank (agreed by an all-reduce
+before backward) is dropped on every rank: no backward, no engine step, so the optimizer, its moments
+and the LR schedule never see it; it is counted and logged, and ``train.max_consecutive_nonfinite``
+dropped micro-batches in a row abort the run.
 """
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megaflamingo.config import Config
+from megaflamingo.model.loss import token_losses
+from megaflamingo.tokens import IGNORE_INDEX
 
 from . import stop as stop_request
-from .checkpointing import CheckpointManager, config_hash, set_rng_state
-from .distributed import World, all_reduce_sum, any_rank
+from .checkpointing import CheckpointManager, ResumePoint, config_hash, resolve_resume, set_rng_state
+from .distributed import World, all_gather_objects, all_reduce_sum, any_rank
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
 from .flops import device_peak_flops, flop_spec
 from .metrics import MetricsLogger, peak_memory_gb
@@ -32,7 +34,6 @@ from .optim import build_optimizer, count_params, scheduler_factory
 
 log = logging.getLogger("megaflamingo.train")
 
-IGNORE = -100
 MODEL_KEYS = ("input_ids", "attention_mask", "audio_embeds", "audio_mask")
 EXIT_SIGNAL = 75  # stopped on SIGUSR1/SIGTERM after saving a checkpoint: requeue me (EX_TEMPFAIL)
 
@@ -51,16 +52,42 @@ class TrainResult:
     valid: dict[str, float] = field(default_factory=dict)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal LM loss per sample: (sum of token losses [B], number of scored tokens [B]).
+@dataclass
+class StepStats:
+    """What optimizer steps did on this rank; ``loss_sum``/``count`` are already summed over ranks.
+    One step's, or (in a :class:`Window`) those of the steps between two log lines."""
 
-    Same convention as HF's ``ForCausalLMLoss``: position t predicts label t+1; -100 is ignored."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
-    valid = shift_labels != IGNORE
-    return (tok * valid).sum(dim=1), valid.sum(dim=1)
+    loss_sum: float = 0.0
+    count: float = 0.0
+    samples: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    data_wait_s: float = 0.0
+    # (dataset names, per-sample loss sums, per-sample counts) per micro-batch, left on the device
+    # until the logging step (one transfer per window, not per micro-batch).
+    per_dataset: list[tuple[list[str], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count > 0 else float("nan")
+
+    def add(self, other: "StepStats") -> None:
+        for f in ("loss_sum", "count", "samples", "tokens", "flops", "data_wait_s"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.per_dataset.extend(other.per_dataset)
+
+
+@dataclass
+class Window:
+    """Steps accumulated between two log lines."""
+
+    steps: int = 0
+    total: StepStats = field(default_factory=StepStats)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, s: StepStats) -> None:
+        self.steps += 1
+        self.total.add(s)
 
 
 def _sums(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -68,7 +95,8 @@ def _sums(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.stack([loss_sum.sum().double(), count.sum().double()])
 
 
-def _stop_iteration_safe_len(loader) -> Optional[int]:
+def _len_or_none(loader) -> Optional[int]:
+    """``len(loader)``, or None for a loader without a length (an endless stream)."""
     try:
         return len(loader)
     except TypeError:
@@ -91,15 +119,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, world.rank, world.world_size, t.keep_last)
         self.total_steps = t.max_steps or self._steps_from_loader()
         self.cfg_hash = config_hash(cfg.to_dict())
-
-        # Resume decision must precede initialize: a world-size change needs the universal loader.
-        self.resume_dir: Optional[Path] = None  # where the checkpoint to resume lives (default: ours)
-        self.resume_tag, self.universal = self._pick_resume()
-        if self.universal:
-            # Converted into OUR checkpoint dir; a resume from another run never writes there.
-            self.resume_tag = self.ckpt.universal_tag(self.resume_tag, self.resume_dir, t.convert_timeout_s)
-            self.resume_dir = None
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        # Decided before initialize: a world-size change needs DeepSpeed's universal loader.
+        self.resume, self.universal = self._plan_resume()
 
         import deepspeed
 
@@ -116,40 +137,33 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ setup helpers
     def _steps_from_loader(self) -> Optional[int]:
-        n = _stop_iteration_safe_len(self.train_loader)
+        n = _len_or_none(self.train_loader)
         if n is None:
             return None
         return max(1, n // self.cfg.train.gradient_accumulation_steps) * self.cfg.train.num_epochs
 
-    def _pick_resume(self) -> tuple[Optional[str], bool]:
-        spec = self.cfg.train.resume
-        if spec in ("none", "never", "false", ""):
+    def _plan_resume(self) -> tuple[Optional[ResumePoint], bool]:
+        point = resolve_resume(self.cfg.train.resume, self.run_dir)
+        if point is None:
             return None, False
-        if spec == "auto":
-            tag = self.ckpt.latest_tag()
-            if tag is None:
-                return None, False
-        else:
-            p = Path(spec)
-            if p.name.startswith("step-") and (p / "megaflamingo.json").is_file():
-                self.resume_dir, tag = p.parent, p.name
-            elif (p / "latest").is_file():
-                self.resume_dir = p
-                tag = CheckpointManager(p.parent, self.world.rank, self.world.world_size, 1).latest_tag() \
-                    if p.name == "checkpoints" else (p / "latest").read_text().strip()
-            else:
-                raise FileNotFoundError(f"train.resume={spec!r}: not a checkpoint dir (no latest / megaflamingo.json)")
-        meta = self.ckpt.read_meta(tag, self.resume_dir)
+        meta = point.meta()
         if meta.get("config_hash") not in (None, self.cfg_hash):
             log.warning("resuming from %s whose config hash %s differs from this run's %s",
-                        tag, meta.get("config_hash"), self.cfg_hash)
-        return tag, int(meta["world_size"]) != self.world.world_size
+                        point.path, meta.get("config_hash"), self.cfg_hash)
+        universal = int(meta["world_size"]) != self.world.world_size
+        if universal:
+            # Converted into OUR checkpoint dir; a resume from another run never writes there.
+            tag = self.ckpt.universal_tag(point.tag, point.dir, self.cfg.train.convert_timeout_s)
+            point = ResumePoint(self.ckpt.dir, tag)
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return point, universal
 
     def _resume(self) -> None:
-        meta, rank_state = self.ckpt.load(self.engine, self.resume_tag, self.universal, self.resume_dir)
+        meta, rank_state = self.ckpt.load(self.engine, self.resume.tag, self.universal, self.resume.dir)
         self.step = int(meta["step"])
         self.epoch = int(meta.get("epoch", 0))
         self.nonfinite_total = int(meta.get("nonfinite_skipped", 0))
@@ -164,7 +178,7 @@ class Trainer:
             if self.epoch > 0 and hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(self.epoch)
         if self.world.is_main:
-            log.info("resumed from %s at step %d", (self.resume_dir or self.ckpt.dir) / self.resume_tag, self.step)
+            log.info("resumed from %s at step %d", self.resume.path, self.step)
 
     def _save(self) -> None:
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
@@ -173,7 +187,7 @@ class Trainer:
         self.ckpt.save(self.engine, self.step, meta, {"loader": loader_state, "epoch": self.epoch})
 
     # ------------------------------------------------------------------ batches
-    def _next_batch(self, it):
+    def _next_batch(self, it: Iterator) -> tuple[Iterator, dict]:
         try:
             return it, next(it)
         except StopIteration:
@@ -208,9 +222,125 @@ class Trainer:
         out = self.engine(**inputs)
         logits = out.logits if hasattr(out, "logits") else out
         loss_sum, count = token_losses(logits, labels)
-        total = count.sum()
-        loss = loss_sum.sum() / total.clamp(min=1)
+        loss = loss_sum.sum() / count.sum().clamp(min=1)
         return loss, loss_sum.detach(), count.detach()
+
+    def _skip_nonfinite(self, metrics: MetricsLogger) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.world.is_main:
+            metrics.line(f"step {self.step + 1}: non-finite loss, micro-batch skipped "
+                         f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} total)")
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1} (limit "
+                f"train.max_consecutive_nonfinite={limit}); aborting")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, it: Iterator, metrics: MetricsLogger) -> tuple[Iterator, StepStats]:
+        """One optimizer update: ``gradient_accumulation_steps`` good micro-batches. Device-side until
+        the step ends: one host sync per micro-batch (the non-finite vote, which must decide before
+        backward) and one per step, not one per statistic."""
+        t = self.cfg.train
+        stats = StepStats()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        good = 0
+        while good < t.gradient_accumulation_steps:
+            t0 = time.perf_counter()
+            it, batch = self._next_batch(it)
+            stats.data_wait_s += time.perf_counter() - t0
+            inputs = self._to_device(batch)
+            B, T = inputs["input_ids"].shape
+            L = inputs["audio_embeds"].shape[1] if "audio_embeds" in inputs else 0
+            loss, loss_sum, count = self._forward(inputs)
+            if any_rank(~torch.isfinite(loss.detach())):
+                self._skip_nonfinite(metrics)
+                continue
+            self.nonfinite_in_a_row = 0
+            self.engine.backward(loss * t.loss_multiplier if t.loss_multiplier != 1.0 else loss)
+            self.engine.step()
+            good += 1
+            sums += _sums(loss_sum, count)
+            stats.samples += B
+            mask = batch.get("attention_mask")  # the host copy: no device sync
+            stats.tokens += float(mask.sum()) if mask is not None else B * T
+            # With supervised-only logits the LM head ran on the supervised rows only, not B*T
+            # (counted on the host copy of the labels, as the model counts them).
+            head_rows = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if t.loss_logits == "supervised" else None
+            stats.flops += self.flops.per_batch(B, T, L, head_rows)
+            if batch.get("dataset"):
+                stats.per_dataset.append((list(batch["dataset"]), loss_sum, count))
+        stats.loss_sum, stats.count = all_reduce_sum(sums).tolist()
+        return it, stats
+
+    # ------------------------------------------------------------------ after a step
+    def after_step(self, stats: StepStats, window: Window, result: TrainResult, metrics: MetricsLogger) -> Window:
+        """Record the step; log, validate and save when due; honour a stop request. Returns the
+        window to accumulate the next steps into."""
+        t, main = self.cfg.train, self.world.is_main
+        result.losses.append(stats.loss)
+        if main:
+            with open(self.run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": stats.loss}) + "\n")
+            metrics.progress(self.step, stats.loss)
+        window.add(stats)
+        last = self.step == self.total_steps
+        if self.step % t.logging_steps == 0 or last:
+            self._log_window(metrics, window, time.perf_counter() - window.started)
+            window = Window()
+        if self.valid_loaders and (self.step % t.eval_steps == 0 or last):
+            result.valid = self.validate()
+            self._log_validation(metrics, result.valid)
+            window.started = time.perf_counter()  # validation is not training throughput
+        stop = any_rank(stop_request.requested())
+        if stop or self.step % t.save_steps == 0 or last:
+            self._save()
+        if stop:
+            result.stopped_by_signal = True
+            stop_request.clear()
+            if main:
+                metrics.line(f"stopped by signal at step {self.step}; checkpoint saved")
+        return window
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        if self.total_steps is None:
+            raise ValueError("train.max_steps is required when the training loader has no length")
+        # Before the (maybe long) checkpoint load. The CLI installed the same handler at start-up already;
+        # a flag set there or here is honoured before the first step.
+        old_handlers = stop_request.install()
+        metrics = None
+        try:
+            if self.resume is not None:
+                self._resume()
+            result = TrainResult(step=self.step, resumed_from=self.resume.tag if self.resume else None,
+                                 nonfinite_skipped=self.nonfinite_total)
+            if self.world.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsLogger(self.run_dir, self.world.is_main, self.total_steps, self.step,
+                                    self.cfg.train.progress_bar)
+            metrics.line(self.plan_text())
+            if any_rank(stop_request.requested()):
+                # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
+                # from (or since initialisation), so there is nothing new to save; exit 75 at once.
+                result.stopped_by_signal = True
+                stop_request.clear()
+                metrics.line(f"stopped by signal before the first step (step {self.step}); no checkpoint "
+                             "written, nothing new to save")
+            it, window = iter(self.train_loader), Window()
+            self.engine.train()
+            while not result.stopped_by_signal and self.step < self.total_steps:
+                it, stats = self.train_step(it, metrics)
+                self.step += 1
+                window = self.after_step(stats, window, result, metrics)
+        finally:
+            stop_request.restore(old_handlers)
+            if metrics is not None:
+                metrics.close()
+        result.step = self.step
+        result.nonfinite_skipped = self.nonfinite_total
+        return result
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -235,181 +365,70 @@ class Trainer:
         self.engine.train()
         return results
 
-    # ------------------------------------------------------------------ loop
-    def train(self) -> TrainResult:
-        t = self.cfg.train
-        if self.total_steps is None:
-            raise ValueError("train.max_steps is required when the training loader has no length")
-        # Before the (maybe long) checkpoint load. The CLI installed the same handler at start-up already;
-        # a flag set there or here is honoured before the first step.
-        old_handlers = stop_request.install()
-        if self.resume_tag is not None:
-            self._resume()
-        result = TrainResult(step=self.step, resumed_from=self.resume_tag,
-                             nonfinite_skipped=self.nonfinite_total)
-        main = self.world.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLogger(self.run_dir, main, self.total_steps, self.step, t.progress_bar)
-        if main:
-            metrics.line(self.plan_text())
-        step_log = self.run_dir / "train_log.jsonl"
-        ga = t.gradient_accumulation_steps
-        it = iter(self.train_loader)
-        consecutive = 0
-        window = defaultdict(float)
-        # (dataset names, loss_sum, count) per micro-batch, left on the device until the logging step
-        per_ds: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
-        t_window = time.perf_counter()
-        self.engine.train()
-        try:
-            if any_rank(stop_request.requested()):
-                # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
-                # from (or since initialisation), so there is nothing new to save; exit 75 at once.
-                result.stopped_by_signal = True
-                stop_request.clear()
-                if main:
-                    metrics.line(f"stopped by signal before the first step (step {self.step}); no checkpoint "
-                                 "written, nothing new to save")
-            while not result.stopped_by_signal and self.step < self.total_steps:
-                good = 0
-                # Device-side until the step ends: one host sync per micro-batch (the non-finite vote,
-                # which must decide before backward) and one per step, not one per statistic.
-                step_stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-                while good < ga:
-                    t0 = time.perf_counter()
-                    it, batch = self._next_batch(it)
-                    window["data_wait"] += time.perf_counter() - t0
-                    inputs = self._to_device(batch)
-                    B, T = inputs["input_ids"].shape
-                    L = inputs["audio_embeds"].shape[1] if "audio_embeds" in inputs else 0
-                    loss, loss_sum, count = self._forward(inputs)
-                    bad = any_rank(~torch.isfinite(loss.detach()))
-                    if bad:
-                        consecutive += 1
-                        self.nonfinite_total += 1
-                        if main:
-                            metrics.line(f"step {self.step + 1}: non-finite loss, micro-batch skipped "
-                                         f"({consecutive} in a row, {self.nonfinite_total} total)")
-                        if consecutive >= t.max_consecutive_nonfinite:
-                            raise NonFiniteLossError(
-                                f"{consecutive} non-finite losses in a row at step {self.step + 1} (limit "
-                                f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); aborting")
-                        continue
-                    consecutive = 0
-                    self.engine.backward(loss * t.loss_multiplier if t.loss_multiplier != 1.0 else loss)
-                    self.engine.step()
-                    good += 1
-                    step_stats += _sums(loss_sum, count)
-                    window["samples"] += B
-                    mask = batch.get("attention_mask")  # the host copy: no device sync
-                    window["tokens"] += float(mask.sum()) if mask is not None else B * T
-                    # With supervised-only logits the LM head ran on the supervised rows only, not B*T
-                    # (counted on the host copy of the labels, as the model counts them).
-                    head_rows = int((batch["labels"][:, 1:] != IGNORE).sum()) if t.loss_logits == "supervised" else None
-                    window["flops"] += self.flops.per_batch(B, T, L, head_rows)
-                    if batch.get("dataset"):
-                        per_ds.append((list(batch["dataset"]), loss_sum, count))
-                self.step += 1
-                step_sum, step_count = all_reduce_sum(step_stats).tolist()
-                step_loss = step_sum / step_count if step_count > 0 else float("nan")
-                result.losses.append(step_loss)
-                if main:
-                    with open(step_log, "a") as f:
-                        f.write(json.dumps({"step": self.step, "loss": step_loss}) + "\n")
-                    metrics.progress(self.step, step_loss)
-                window["loss_sum"] += step_sum
-                window["loss_count"] += step_count
-                window["steps"] += 1
+    def _log_validation(self, metrics: MetricsLogger, valid: dict[str, float]) -> None:
+        metrics.scalars({f"valid/loss/{k}": v for k, v in valid.items()}, self.step)
+        finite = [v for v in valid.values() if math.isfinite(v)]
+        if finite:
+            metrics.scalars({"valid/loss": sum(finite) / len(finite)}, self.step)
+        metrics.line(f"step {self.step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()))
 
-                if self.step % t.logging_steps == 0 or self.step == self.total_steps:
-                    self._log_window(metrics, window, per_ds, time.perf_counter() - t_window)
-                    window.clear()
-                    per_ds.clear()
-                    t_window = time.perf_counter()
-                if self.valid_loaders and (self.step % t.eval_steps == 0 or self.step == self.total_steps):
-                    result.valid = self.validate()
-                    metrics.scalars({f"valid/loss/{k}": v for k, v in result.valid.items()}, self.step)
-                    finite = [v for v in result.valid.values() if math.isfinite(v)]
-                    if finite:
-                        metrics.scalars({"valid/loss": sum(finite) / len(finite)}, self.step)
-                    if main:
-                        metrics.line(f"step {self.step}: valid " + " ".join(
-                            f"{k}={v:.4f}" for k, v in result.valid.items()))
-                    t_window = time.perf_counter()  # validation is not training throughput
-                stop = any_rank(stop_request.requested())
-                if stop or self.step % t.save_steps == 0 or self.step == self.total_steps:
-                    self._save()
-                if stop:
-                    result.stopped_by_signal = True
-                    stop_request.clear()
-                    if main:
-                        metrics.line(f"stopped by signal at step {self.step}; checkpoint saved")
-                    break
-        finally:
-            stop_request.restore(old_handlers)
-            metrics.close()
-        result.step = self.step
-        result.nonfinite_skipped = self.nonfinite_total
-        return result
-
-    def _log_window(self, metrics: MetricsLogger, w: dict, per_ds: list, elapsed: float) -> None:
-        ws = self.world.world_size
-        totals = all_reduce_sum(torch.tensor([w["samples"], w["tokens"], w["flops"], w["data_wait"]],
-                                             dtype=torch.float64))
-        samples, tokens, flops, data_wait = totals.tolist()
-        import torch.distributed as dist
-
+    # ------------------------------------------------------------------ logging
+    def _dataset_losses(self, per_dataset: list) -> dict[str, float]:
+        """Mean token loss per dataset over the window, summed over ranks (one transfer per rank)."""
         mine: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        if per_ds:  # one transfer for the whole window
-            names = [n for ns, _, _ in per_ds for n in ns]
-            sums = torch.cat([ls.double() for _, ls, _ in per_ds]).tolist()
-            counts = torch.cat([c.double() for _, _, c in per_ds]).tolist()
+        if per_dataset:
+            names = [n for ns, _, _ in per_dataset for n in ns]
+            sums = torch.cat([ls.double() for _, ls, _ in per_dataset]).tolist()
+            counts = torch.cat([c.double() for _, _, c in per_dataset]).tolist()
             for name, ls, c in zip(names, sums, counts):
                 mine[name][0] += ls
                 mine[name][1] += c
-        gathered = [dict(mine)]
-        if dist.is_initialized() and ws > 1:
-            gathered = [None] * ws
-            dist.all_gather_object(gathered, {k: list(v) for k, v in mine.items()})
-        ds_tot: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for g in gathered:
-            for k, (s, c) in g.items():
-                ds_tot[k][0] += s
-                ds_tot[k][1] += c
+        total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for part in all_gather_objects({k: list(v) for k, v in mine.items()}):
+            for k, (s, c) in part.items():
+                total[k][0] += s
+                total[k][1] += c
+        return {k: s / c for k, (s, c) in total.items() if c > 0}
+
+    def _log_window(self, metrics: MetricsLogger, w: Window, elapsed: float) -> None:
+        ws, t = self.world.world_size, w.total
+        samples, tokens, flops, data_wait = all_reduce_sum(
+            torch.tensor([t.samples, t.tokens, t.flops, t.data_wait_s], dtype=torch.float64)).tolist()
+        per_ds = self._dataset_losses(t.per_dataset)
         if not self.world.is_main:
             return
-        loss = w["loss_sum"] / max(w["loss_count"], 1)
+        elapsed = max(elapsed, 1e-9)
         gn = self.engine.get_global_grad_norm()
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
-        mfu = flops / max(elapsed, 1e-9) / (self.peak_flops * ws) if self.peak_flops == self.peak_flops else None
+        mfu = flops / elapsed / (self.peak_flops * ws) if not math.isnan(self.peak_flops) else None
         vals = {
-            "train/loss": loss,
+            "train/loss": t.loss_sum / max(t.count, 1),
             "train/lr": lr,
             "train/grad_norm": float(gn) if gn is not None else None,
-            "train/tokens_per_s": tokens / max(elapsed, 1e-9),
-            "train/samples_per_s": samples / max(elapsed, 1e-9),
+            "train/tokens_per_s": tokens / elapsed,
+            "train/samples_per_s": samples / elapsed,
             "train/mfu": mfu,
-            "train/data_wait_s": data_wait / ws / max(w["steps"], 1),
-            "train/step_time_s": elapsed / max(w["steps"], 1),
+            "train/data_wait_s": data_wait / ws / max(w.steps, 1),
+            "train/step_time_s": elapsed / max(w.steps, 1),
             "train/peak_mem_gb": peak_memory_gb(),
             "train/nonfinite_skipped": self.nonfinite_total,
             "train/epoch": self.epoch,
         }
-        vals.update({f"train/loss/{k}": s / c for k, (s, c) in ds_tot.items() if c > 0})
+        vals.update({f"train/loss/{k}": v for k, v in per_ds.items()})
         metrics.scalars(vals, self.step)
         metrics.flush()
         gn_txt = f"{vals['train/grad_norm']:.3f}" if vals["train/grad_norm"] is not None else "n/a"
         mfu_txt = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        metrics.line(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} gnorm {gn_txt} "
+        metrics.line(f"step {self.step}/{self.total_steps} loss {vals['train/loss']:.4f} lr {lr:.2e} gnorm {gn_txt} "
                      f"{vals['train/samples_per_s']:.2f} samples/s {vals['train/tokens_per_s']:.0f} tok/s "
                      f"MFU {mfu_txt} data-wait {vals['train/data_wait_s']:.3f}s "
                      f"mem {vals['train/peak_mem_gb']:.2f} GB")
 
     def plan_text(self) -> str:
         t, ws = self.cfg.train, self.world.world_size
+        notes = "".join(f"\nconfig note: {n}" for n in self.cfg.notes)
         return (f"world size {ws} ({self.world.launcher}), ZeRO stage {zero_stage(self.ds_config)}, "
                 f"micro-batch {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {ws} ranks = "
                 f"global batch {t.micro_batch_size * t.gradient_accumulation_steps * ws}; params trainable "
                 f"{self.trainable:,} / frozen {self.frozen:,}; {self.total_steps} steps; precision {t.precision}; "
-                f"MFU peak: {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source})")
+                f"MFU peak: {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source})" + notes)

@@ -16,6 +16,7 @@ so ``--out`` doubles as the resume state. Metrics are computed over the whole fi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -177,3 +178,35 @@ def iter_records(path: Path) -> Iterator[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def batch_items(loaded, manifest: str | os.PathLike, data_root: Optional[str], embedder,
+                allow_outside_root: bool = False, task: Optional[str] = None,
+                limit: Optional[int] = None) -> tuple[list[Item], Optional[Callable[[Item], np.ndarray]]]:
+    """The items of a manifest (embedded on the fly by ``embedder``, a ``ModelEmbedder``) or of a
+    preprocessed split dir (its stored embeddings, refused unless made by the model's encoder), and
+    the embedding function (None for a split). ``task`` names the task for a manifest lacking one."""
+    from megaflamingo.audio.decode import resolve_in_root
+
+    from .embed import compare_encoders, compare_windows
+
+    m = Path(manifest)
+    if m.is_dir():
+        items, record, _ = items_from_split(m)
+        compare_encoders(loaded.encoder["encoder"], record["encoder"], "the model", str(m))
+        compare_windows(loaded.encoder.get("windows") or {}, record["windows"], "the model", str(m))
+        if loaded.encoder.get("silence_embedding") is None:
+            loaded.encoder["silence_embedding"] = record["silence_embedding"]
+        embed = None
+    else:
+        items, _ = items_from_manifest(m, data_root)
+        root = Path(data_root) if data_root else m.parent
+        embedder.fill_silence()
+
+        def embed(it: Item) -> np.ndarray:
+            return embedder.embed(resolve_in_root(root, it.path, allow_outside_root), it.start)
+    if limit is not None:
+        items = items[:limit]
+    if task:  # the user names the task for a manifest that lacks one (or to override it)
+        items = [dataclasses.replace(it, task=task) for it in items]
+    return items, embed

@@ -134,3 +134,30 @@ class ClipEmbedder:
         clip = repeat_pad_np(quantize_int16(to_target(raw, sr, max_seconds=self.clip_seconds)),
                              int(self.clip_seconds * sr))
         return self.encoder.encode(clip[None].astype(np.float32))[0]
+
+
+class ModelEmbedder:
+    """The audio embedder of a loaded model, built on first use (batch runs over preprocessed splits
+    never need it), with the model's encoder record."""
+
+    def __init__(self, loaded, device: str = "cpu", checkpoint: Optional[str] = None):
+        self.loaded, self.device, self.checkpoint = loaded, device, checkpoint
+        self._embedder: Optional[AudioEmbedder] = None
+
+    def get(self) -> AudioEmbedder:
+        if self._embedder is None:
+            rec = self.loaded.encoder
+            self._embedder = AudioEmbedder(rec["encoder"], rec.get("windows") or {}, self.device, self.checkpoint,
+                                           rec.get("silence_embedding"))
+        return self._embedder
+
+    def embed(self, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"audio file {path} does not exist")
+        return self.get().embed(path, start)
+
+    def fill_silence(self) -> None:
+        """Give the loaded model the silence embedding that pads its audio slots when its record lacks
+        one (a model dir without encoder.json): the rebuilt encoder's embedding of a silent window."""
+        if self.loaded.encoder.get("silence_embedding") is None:
+            self.loaded.encoder["silence_embedding"] = self.get().silence.tolist()

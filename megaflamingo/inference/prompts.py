@@ -1,6 +1,6 @@
 """AF1's text formats at inference time: the training sample cut right after the last ``<SEP>``.
 
-Training samples (DESIGN.md §4) look like
+Training samples look like
   single:   ``{bos}{prefix}<audio>{prompt}<SEP>{output}<|endofchunk|>{eos}``
   few-shot: ``{bos}Here are similar examples. {prefix}<audio>{p1}<SEP>{o1}<|endofchunk|>...{eos}``
   chat:     ``{bos}The task is dialog. <audio>`` + per round
@@ -17,18 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-MEDIA = "<audio>"
-EOC = "<|endofchunk|>"
-CHAT_PREFIX = "The task is dialog. "
-# AF1 appends this to every (augmented) prompt of a training sample; so does our data pipeline
-# (megaflamingo.data.templates.ANSWER_SUFFIX, overridable by data.templates.suffix).
-ANSWER_SUFFIX = "\nAnswer:"
+from megaflamingo.data import text as layout
+from megaflamingo.data.loader import inference_settings
+from megaflamingo.data.templates import ANSWER_SUFFIX, TemplateRegistry
+from megaflamingo.tokens import EOC_TOKEN, MEDIA_TOKEN
 
 
-def templates_of(config=None):
+def templates_of(config=None) -> TemplateRegistry:
     """The template registry the model's training data used (built-ins plus ``data.templates``)."""
-    from megaflamingo.data.templates import TemplateRegistry
-
     return TemplateRegistry.from_config(getattr(getattr(config, "data", None), "templates", None))
 
 
@@ -38,7 +34,7 @@ class TrainingForm:
     (``megaflamingo.data.loader.inference_settings``), so prompts reach the model in the form it
     learned (prefix only where training showed it, a task's fixed question, its answer spelling)."""
 
-    registry: object  # megaflamingo.data.templates.TemplateRegistry
+    registry: TemplateRegistry
     blend: dict
 
     @classmethod
@@ -46,8 +42,6 @@ class TrainingForm:
         return cls(templates_of(config), dict(getattr(getattr(config, "data", None), "blend", None) or {}))
 
     def prefix(self, task: Optional[str]) -> str:
-        from megaflamingo.data.loader import inference_settings
-
         if not task:
             return ""
         _, prefix_prob = inference_settings(self.blend, task)
@@ -57,8 +51,6 @@ class TrainingForm:
                no_options: bool = False) -> tuple[str, str, Optional[str]]:
         """(prefix, prompt + suffix, output) of one item, as validation renders it (per-item seed).
         ``no_options``: a few-shot example before the query (training never lists options there)."""
-        from megaflamingo.data.loader import inference_settings
-
         augs, _ = inference_settings(self.blend, task)
         aug = self.registry.augment(path=path, prompt=clean(prompt), output=clean(output), task=f"{task}/train",
                                     split="val", augmentations=augs, prefix_prob=1.0, no_options=no_options)
@@ -102,11 +94,13 @@ def task_prefix(task: Optional[str]) -> str:
     return templates_of(None).prefix(f"{task}/train") if task else ""
 
 
+def _special(tokenizer) -> layout.SpecialText:
+    return layout.SpecialText.from_tokenizer(tokenizer)
+
+
 def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX) -> str:
     """One audio, one question."""
-    if not prompt.strip():
-        raise ValueError("empty prompt")
-    return f"{tokenizer.bos_token}{_prefix(prefix)}{MEDIA}{question(prompt, suffix)}{tokenizer.sep_token}"
+    return multi_audio_prompt(tokenizer, prompt, 1, prefix, suffix)
 
 
 def multi_audio_prompt(tokenizer, prompt: str, num_audios: int, prefix: str = "",
@@ -115,10 +109,12 @@ def multi_audio_prompt(tokenizer, prompt: str, num_audios: int, prefix: str = ""
     question after the last one (every text token sees all audios before it)."""
     if num_audios < 1:
         raise ValueError("need at least one audio")
-    if num_audios == 1:
-        return single_prompt(tokenizer, prompt, prefix, suffix)
-    medias = MEDIA * num_audios
-    return f"{tokenizer.bos_token}{_prefix(prefix)}{medias}{question(prompt, suffix)}{tokenizer.sep_token}"
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    sp = _special(tokenizer)
+    text = layout.single_intro(sp, _prefix(prefix)) + MEDIA_TOKEN * (num_audios - 1) \
+        + layout.answer_block(sp, question(prompt, suffix), "")
+    return layout.prompt_text(text, sp)
 
 
 def fewshot_prompt(tokenizer, examples: Sequence[Example], prompt: str, prefix: str = "",
@@ -126,12 +122,11 @@ def fewshot_prompt(tokenizer, examples: Sequence[Example], prompt: str, prefix: 
     """Retrieval-augmented few-shot prompt: the examples (audio + answer each), then the query."""
     if mode not in ("similar", "random"):
         raise ValueError(f"mode must be 'similar' or 'random', got {mode!r}")
-    sep, eoc = tokenizer.sep_token, EOC
-    parts = [f"{tokenizer.bos_token}Here are {mode} examples. {_prefix(prefix)}"]
-    for ex in examples:
-        parts.append(f"{MEDIA}{question(ex.prompt, suffix)}{sep}{clean(ex.output)}{eoc}")
-    parts.append(f"{MEDIA}{question(prompt, suffix)}{sep}")
-    return "".join(parts)
+    sp = _special(tokenizer)
+    parts = [layout.fewshot_intro(sp, mode, _prefix(prefix))]
+    parts += [layout.answer_block(sp, question(ex.prompt, suffix), clean(ex.output)) for ex in examples]
+    parts.append(layout.answer_block(sp, question(prompt, suffix), ""))
+    return layout.prompt_text("".join(parts), sp)
 
 
 def chat_prompt(tokenizer, history: Sequence[tuple[str, str]], user: str) -> str:
@@ -139,11 +134,9 @@ def chat_prompt(tokenizer, history: Sequence[tuple[str, str]], user: str) -> str
     Chat text is not lower-cased (AF1's chat data keeps case)."""
     if not user.strip():
         raise ValueError("empty user message")
-    sep, eos = tokenizer.sep_token, tokenizer.eos_token
-    text = f"{tokenizer.bos_token}{CHAT_PREFIX}{MEDIA}"
-    for u, a in history:
-        text += f"user: {u} \nassistant: {sep}{a}{EOC}{eos}\n"
-    return text + f"user: {user} \nassistant: {sep}"
+    sp = _special(tokenizer)
+    text = layout.chat_intro(sp) + "".join(layout.chat_round(sp, u, a) for u, a in history)
+    return layout.prompt_text(text + layout.chat_round(sp, user, ""), sp)
 
 
 def _prefix(prefix: str) -> str:
@@ -156,12 +149,12 @@ def _prefix(prefix: str) -> str:
 def decode_answer(tokenizer, new_ids) -> str:
     """Text of generated ids up to the first ``<|endofchunk|>`` / eos, special tokens dropped."""
     ids = [int(i) for i in new_ids]
-    stops = {tokenizer.convert_tokens_to_ids(EOC), tokenizer.eos_token_id}
+    stops = {tokenizer.convert_tokens_to_ids(EOC_TOKEN), tokenizer.eos_token_id}
     for j, t in enumerate(ids):
         if t in stops:
             ids = ids[:j]
             break
     drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.sep_token_id,
-            tokenizer.convert_tokens_to_ids(MEDIA)}
+            tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)}
     ids = [t for t in ids if t not in drop]
     return tokenizer.decode(ids, skip_special_tokens=False).strip()

@@ -1,6 +1,6 @@
 """Turn prompts + per-audio window embeddings into model inputs and answers.
 
-Audio layout is the training layout (DESIGN.md §4): ``L = max_num_fewshot * max_num_window`` slots,
+Audio layout is the training layout: ``L = max_num_fewshot * max_num_window`` slots,
 audio k owns slots ``[W*k, W*k + W)``, its windows first, the rest filled with the encoder's
 embedding of a silent window and masked out. The audio transformer attends over every slot (AF1
 masks nothing there), so padding with anything else than what training used would change answers.
@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from megaflamingo.tokens import MEDIA_TOKEN
 
 from .prompts import decode_answer
 
@@ -59,7 +61,7 @@ class Runner:
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
-        self.ids = loaded.token_ids
+        self.ids = loaded.tokens
         self.settings = settings or GenerationSettings()
         self.settings.validate()
         self.windows = int(loaded.model_config.max_num_window)
@@ -85,7 +87,7 @@ class Runner:
         embeds = np.broadcast_to(self.silence, (B, L, D)).copy()
         mask = np.zeros((B, L), dtype=bool)
         for b, q in enumerate(queries):
-            n_media = q.text.count("<audio>")
+            n_media = q.text.count(MEDIA_TOKEN)
             name = q.id or f"query {b}"
             if n_media != len(q.audios):
                 raise ValueError(f"{name}: prompt has {n_media} <audio> tokens but {len(q.audios)} audios were given")
@@ -107,7 +109,7 @@ class Runner:
                 raise ValueError(f"{q.id or 'query'}: prompt of {len(e)} tokens + {self.settings.max_new_tokens} new "
                                  f"tokens exceed the model's context of {self.context}")
         T = max(len(e) for e in enc)
-        pad = self.ids["pad"]
+        pad = self.ids.pad
         input_ids = torch.full((B, T), pad, dtype=torch.long)
         attn = torch.zeros((B, T), dtype=torch.long)
         for b, e in enumerate(enc):  # left padding
@@ -134,7 +136,7 @@ class Runner:
             **batch,
             max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p, num_beams=s.num_beams, length_penalty=s.length_penalty,
-            eos_token_id=[self.ids["eoc"], self.ids["eos"]], pad_token_id=self.ids["pad"], generator=gen,
+            eos_token_id=[self.ids.eoc, self.ids.eos], pad_token_id=self.ids.pad, generator=gen,
         )
         T = batch["input_ids"].shape[1]
         return [decode_answer(self.tok, row[T:].tolist()) for row in out]

@@ -1,13 +1,39 @@
-"""AF1 model core: audio transformer, gated cross-attention, LM injection, generation, freeze policies."""
-from .audio_transformer import AudioTransformer
-from .build import build_model
-from .flamingo import AudioFlamingo, SupervisedLoss
-from .freeze import FreezeReport, apply_freeze_policy, policy_from_train_config
-from .injection import FlamingoDecoderLayer, find_decoder_layers_path, inject_xattn
-from .xattn import GatedCrossAttentionBlock, MediaContext, media_visibility
+"""AF1 model core: config, LM construction, audio transformer, gated cross-attention, LM injection,
+losses, generation, freeze policies.
 
-__all__ = [
-    "AudioFlamingo", "AudioTransformer", "FlamingoDecoderLayer", "FreezeReport", "GatedCrossAttentionBlock",
-    "MediaContext", "SupervisedLoss", "apply_freeze_policy", "build_model", "find_decoder_layers_path", "inject_xattn",
-    "media_visibility", "policy_from_train_config",
-]
+Exports resolve on first use, so reading a config (:mod:`.config`) does not import torch or
+transformers.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AudioFlamingo": ".flamingo",
+    "AudioTransformer": ".audio_transformer",
+    "AudioTransformerConfig": ".config",
+    "FlamingoDecoderLayer": ".injection",
+    "FreezeReport": ".freeze",
+    "GatedCrossAttentionBlock": ".xattn",
+    "MediaContext": ".xattn",
+    "ModelConfig": ".config",
+    "SupervisedLoss": ".loss",
+    "XattnConfig": ".config",
+    "apply_freeze_policy": ".freeze",
+    "build_from_config": ".build",
+    "build_lm": ".build",
+    "build_model": ".build",
+    "find_decoder_layers_path": ".injection",
+    "inject_xattn": ".injection",
+    "media_visibility": ".xattn",
+    "policy_from_train_config": ".freeze",
+    "token_losses": ".loss",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'megaflamingo.model' has no attribute {name!r}")

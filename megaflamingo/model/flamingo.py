@@ -6,74 +6,45 @@ Submodule names follow AF1 (``audio_transformer``, ``lang_encoder``) so its chec
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megaflamingo.tokens import SpecialTokens
+
 from .audio_transformer import AudioTransformer
+from .config import ModelConfig
 from .injection import MEDIA_KWARG, FlamingoDecoderLayer, flamingo_layers, inject_xattn
+from .loss import LOSS_LOGITS, SupervisedLoss, supervised_positions, supervised_token_loss
 from .xattn import MediaContext, media_visibility
 
 
-IGNORE_INDEX = -100
-LOSS_LOGITS = ("full", "supervised")
-
-
-class SupervisedLoss(NamedTuple):
-    """Causal-LM loss from the supervised positions only (position t predicts label t+1, -100 ignored)."""
-    loss: torch.Tensor  # scalar: token-mean over the batch (0 when no token is supervised)
-    loss_sum: torch.Tensor  # [B] float32: per-sample sum of token losses
-    count: torch.Tensor  # [B] int64: per-sample number of supervised tokens
-
-
 class AudioFlamingo(nn.Module):
-    def __init__(
-        self,
-        lang_encoder: nn.Module,
-        token_ids: dict,
-        audio_embed_dim: int = 1024,
-        windows_per_audio: int = 16,
-        max_num_fewshot: int = 8,
-        audio_n_head: int = 8,
-        audio_n_layers: int = 3,
-        audio_d_inner: int = 2048,
-        audio_n_position: int = 128,
-        audio_attn_dropout: float = 0.1,
-        xattn_every_n_layers: int = 1,
-        xattn_heads: int = 8,
-        xattn_dim_head: int = 64,
-        xattn_ff_mult: int = 4,
-        decoder_layers_path: Optional[str] = None,
-        check_inputs: bool = True,
-    ):
+    """``lang_encoder``: an HF causal LM already sized to the tokenizer; ``tokens``: its special-token ids;
+    ``cfg``: the model section of the config (see :class:`~megaflamingo.model.config.ModelConfig`)."""
+
+    def __init__(self, lang_encoder: nn.Module, tokens: SpecialTokens | Mapping[str, int], cfg: ModelConfig,
+                 check_inputs: bool = True):
         super().__init__()
-        missing = {"media", "eoc"} - set(token_ids)
-        if missing:
-            raise ValueError(f"token_ids is missing {sorted(missing)}")
-        self.token_ids = dict(token_ids)
-        self.media_token_id = int(token_ids["media"])
-        self.eoc_token_id = int(token_ids["eoc"])
-        self.audio_embed_dim = audio_embed_dim
-        self.windows_per_audio = windows_per_audio
-        self.max_num_fewshot = max_num_fewshot
+        cfg.validate(prefix="model")
+        self.tokens = SpecialTokens.of(tokens)
+        vocab = lang_encoder.get_input_embeddings().num_embeddings
+        self.tokens.check_vocab(vocab)
+        self.media_token_id = self.tokens.media
+        self.eoc_token_id = self.tokens.eoc
+        self.audio_embed_dim = cfg.audio_embed_dim
+        self.windows_per_audio = cfg.max_num_window
+        self.max_num_fewshot = cfg.max_num_fewshot
         self.check_inputs = check_inputs
-        if audio_n_position < windows_per_audio * max_num_fewshot:
-            raise ValueError(
-                f"audio_transformer.max_num_media={audio_n_position} < max_num_window*max_num_fewshot="
-                f"{windows_per_audio * max_num_fewshot}"
-            )
-        self.audio_transformer = AudioTransformer(
-            audio_embed_dim, audio_n_head, audio_n_layers, audio_d_inner, audio_n_position, audio_attn_dropout
-        )
+        at, xa = cfg.audio_transformer, cfg.xattn
+        self.audio_transformer = AudioTransformer(cfg.audio_embed_dim, at.n_head, at.n_layers, at.d_inner,
+                                                  at.max_num_media, at.dropout)
         self.lang_encoder = lang_encoder
-        self.decoder_layers_path = inject_xattn(
-            lang_encoder, audio_embed_dim, xattn_every_n_layers, xattn_heads, xattn_dim_head, xattn_ff_mult,
-            decoder_layers_path,
-        )
-        self.xattn_every_n_layers = xattn_every_n_layers
+        self.decoder_layers_path = inject_xattn(lang_encoder, cfg.audio_embed_dim, xa.every_n_layers, xa.heads,
+                                                xa.dim_head, xa.ff_mult, cfg.decoder_layers_path)
+        self.xattn_every_n_layers = xa.every_n_layers
         self._ckpt_audio = False
         ref = next(lang_encoder.parameters())
         if ref.device.type != "meta":
@@ -221,7 +192,7 @@ class AudioFlamingo(nn.Module):
                         labels: torch.Tensor) -> SupervisedLoss:
         """Loss without the full [B, T, V] logits: the LM head runs only on the rows whose shifted label
         is not -100 (typically 10-20% of a training batch). Same values and gradients as
-        ``token_losses(model(...).logits, labels)``. Goes through ``__call__`` (hooks fire)."""
+        ``model.loss.token_losses(model(...).logits, labels)``. Goes through ``__call__`` (hooks fire)."""
         return self(input_ids, attention_mask, audio_embeds, audio_mask, labels=labels, loss_logits="supervised")
 
     def _supervised_loss(self, input_ids, attention_mask, labels, ctx: MediaContext, lm_kwargs) -> SupervisedLoss:
@@ -229,25 +200,17 @@ class AudioFlamingo(nn.Module):
         # own forward, right before its head: whatever the model does there (OPT's project_out lives in the
         # decoder; tied lm_head; any logit scaling) stays exactly the LM's code, and under ZeRO-3 the head
         # is gathered by its usual hooks. Output rows come in row-major (b, t) order, like ``valid[valid]``.
-        shift_labels = labels[:, 1:]
-        valid = shift_labels != IGNORE_INDEX  # [B, T-1]: position t is scored when label t+1 is set
-        keep = F.pad(valid, (0, 1), value=False)  # [B, T]: the last position predicts nothing
+        valid, keep = supervised_positions(labels)
         out = self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                                 **{MEDIA_KWARG: ctx}, **lm_kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
-        targets = shift_labels[valid]
+        targets = labels[:, 1:][valid]
         if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"{type(self.lang_encoder).__name__} ignored a boolean logits_to_keep (got logits of shape "
                 f"{tuple(logits.shape)} for {targets.shape[0]} supervised positions); use the full-logits "
                 "loss (train.loss_logits=full) for this LM")
-        tok = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
-        # Scatter back to [B, T-1] and sum per row: deterministic (no atomics) and the same summation
-        # order as the full-logits path.
-        loss_sum = torch.zeros(valid.shape, dtype=tok.dtype, device=tok.device).masked_scatter(valid, tok).sum(1)
-        count = valid.sum(1)
-        loss = loss_sum.sum() / count.sum().clamp(min=1)
-        return SupervisedLoss(loss, loss_sum, count)
+        return supervised_token_loss(logits, targets, valid)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  audio_embeds: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None, **kwargs):

@@ -116,7 +116,7 @@ def generate(
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                        device=input_ids.device, dtype=torch.long)
     if pad_token_id is None:  # eos_token_id=[] disables stopping (always max_new_tokens)
-        pad_token_id = model.token_ids.get("pad", int(eos[0]) if eos.numel() else 0)
+        pad_token_id = model.tokens.pad
     attention_mask = attention_mask.long()
     if synced_gpus is None:
         synced_gpus = _zero3_distributed(model)

@@ -46,12 +46,13 @@ def assert_same(a: dict, b: dict) -> None:
 def build_tiny_model(config_path, seed: int = 0):
     """The model the tiny config builds (random init) with the xattn gates opened so audio matters."""
     from megaflamingo.config import load_config
-    from megaflamingo.inference.load import build_from_config, build_tokenizer
+    from megaflamingo.checkpoint.model_dir import config_tokenizer
+    from megaflamingo.model import build_from_config
 
     cfg = load_config(config_path)
-    tok = build_tokenizer(cfg)
+    tok = config_tokenizer(cfg)
     torch.manual_seed(seed)
-    model, ids = build_from_config(cfg, tok)
+    model, ids = build_from_config(cfg.model, tok)
     with torch.no_grad():
         for i, b in enumerate(model.xattn_blocks()):
             b.attn_gate.fill_(0.7 + 0.2 * i)
@@ -63,11 +64,11 @@ def tiny_batch(model, ids, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     B, T = 2, 12
     input_ids = torch.randint(10, 200, (B, T), generator=g)
-    input_ids[input_ids == ids["media"]] = 9
-    input_ids[0, 1] = ids["media"]
-    input_ids[1, 0] = ids["media"]
+    input_ids[input_ids == ids.media] = 9
+    input_ids[0, 1] = ids.media
+    input_ids[1, 0] = ids.media
     if model.max_num_fewshot > 1:
-        input_ids[1, 6] = ids["media"]
+        input_ids[1, 6] = ids.media
     L = model.num_audio_slots
     audio = torch.randn(B, L, model.audio_embed_dim, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)

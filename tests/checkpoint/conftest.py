@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_helpers import TINY_CONFIG
+from tests.checkpoint.ckpt_helpers import TINY_CONFIG
 
 HERE = Path(__file__).parent
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from megaflamingo.checkpoint import load_state_dict
-from megaflamingo.checkpoint.export import load_model_dir
+from megaflamingo.checkpoint.model_dir import load_model_dir
 from megaflamingo.checkpoint.integrity import CheckpointError
 from megaflamingo.checkpoint.source import from_state_dict
 from megaflamingo.checkpoint.split import write_sharded
 from megaflamingo.compat import af1
-from tools.convert import main as cli
+from megaflamingo.cli.convert import main as cli
 
-from ckpt_helpers import TINY_CONFIG, assert_same, build_tiny_model, logits, tiny_batch
+from tests.checkpoint.ckpt_helpers import TINY_CONFIG, assert_same, build_tiny_model, logits, tiny_batch
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_export_then_inference_load_gives_same_logits(trained, tmp_path):
     assert len(idx["metadata"]["files"]) > 1
     assert idx["metadata"]["tied_weights"] == {"lang_encoder.lm_head.weight": "lang_encoder.model.decoder.embed_tokens.weight"}
     # our one-call loader
-    loaded, _, _ = load_model_dir(out)
+    loaded = load_model_dir(out).model
     assert torch.equal(logits(loaded.eval(), batch), want)
     # the inference front end's loader
     from megaflamingo.inference.load import load_model
@@ -100,7 +100,7 @@ def test_af1_import_export_round_trip_exact(trained, tmp_path):
     for src, name in ((tmp_path / "parts", "from_parts"), (tmp_path / "foundation.pt", "from_file")):
         out = tmp_path / name
         assert cli(["af1-import", str(src), str(out), "--config", cfg, "--no-progress"]) == 0
-        loaded, _, _ = load_model_dir(out)
+        loaded = load_model_dir(out).model
         assert torch.equal(logits(loaded.eval(), batch), want)
     # af1-export: AF1 key names (aliases + clap) and the very same tensors
     assert cli(["af1-export", str(tmp_path / "from_parts"), str(tmp_path / "chat.pt"), "--no-progress"]) == 0
@@ -108,7 +108,7 @@ def test_af1_import_export_round_trip_exact(trained, tmp_path):
     assert_same({k[len("module."):]: v for k, v in sd.items()}, back)
     # the exported file (no module. prefix) imports again to the same model
     assert cli(["af1-import", str(tmp_path / "chat.pt"), str(tmp_path / "again"), "--config", cfg, "--no-progress"]) == 0
-    assert torch.equal(logits(load_model_dir(tmp_path / "again")[0].eval(), batch), want)
+    assert torch.equal(logits(load_model_dir(tmp_path / "again").model.eval(), batch), want)
     a = back["lang_encoder.old_decoder_blocks.1.fc1.weight"]
     assert a.data_ptr() == back["lang_encoder.model.decoder.layers.1.decoder_layer.fc1.weight"].data_ptr()
     # ... also as AF1 parts, merged by plain dict update

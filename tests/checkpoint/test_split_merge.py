@@ -10,9 +10,9 @@ from megaflamingo.checkpoint import load_state_dict, merge, open_checkpoint
 from megaflamingo.checkpoint.integrity import CheckpointError, sha256_file
 from megaflamingo.checkpoint.source import from_state_dict
 from megaflamingo.checkpoint.split import write_sharded
-from tools.convert import main as cli
+from megaflamingo.cli.convert import main as cli
 
-from ckpt_helpers import assert_same, synthetic_state_dict
+from tests.checkpoint.ckpt_helpers import assert_same, synthetic_state_dict
 
 LIMIT = 6000  # bytes: forces many parts; "big" (16 KB) must be sliced
 

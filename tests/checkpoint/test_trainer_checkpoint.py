@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from megaflamingo.checkpoint import load_state_dict
-from tools.convert import main as cli
+from megaflamingo.cli.convert import main as cli
 
-from ckpt_helpers import logits, tiny_batch
+from tests.checkpoint.ckpt_helpers import logits, tiny_batch
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[2]
@@ -19,14 +19,14 @@ REPO = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from megaflamingo.engine.synthetic import write_tiny_dataset
+    from megaflamingo.testing.tiny_task import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("trainer")
     write_tiny_dataset(root / "data", rows={"train": 16, "val": 4})
     env = dict(os.environ, MF_DATA_ROOT=str(root / "data"), MF_RUN_DIR=str(root / "run"), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "megaflamingo.engine.cli", "--config", "configs/tiny_cpu.yaml",
+    r = subprocess.run([sys.executable, "-m", "megaflamingo.cli.train", "--config", "configs/tiny_cpu.yaml",
                         "train.max_steps=2", "train.save_steps=2", "train.eval_steps=100"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -45,12 +45,13 @@ def test_trainer_checkpoint_export_and_inference_load(run_dir, tmp_path):
     assert set(fp32) == set(ds)
     assert all(torch.equal(fp32[k], v) for k, v in ds.items())
     # inference path: one call; its weights are DeepSpeed's consolidation exactly, and so are its logits
-    from megaflamingo.inference.load import build_from_config, load_model
+    from megaflamingo.inference.load import load_model
+    from megaflamingo.model import build_from_config
 
     loaded = load_model(tmp_path / "export")
-    ref, _ = build_from_config(loaded.config, loaded.tokenizer)
+    ref, _ = build_from_config(loaded.config.model, loaded.tokenizer)
     ref.load_state_dict(ds, strict=True)
-    batch = tiny_batch(loaded.model, loaded.token_ids)
+    batch = tiny_batch(loaded.model, loaded.tokens)
     assert torch.equal(logits(loaded.model.eval(), batch), logits(ref.eval(), batch))
     # trainable-only: exactly what DeepSpeed trained (pretrain: audio transformer + xattn) + buffers
     tr = load_state_dict(tmp_path / "trainable")

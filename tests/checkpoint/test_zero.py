@@ -9,7 +9,7 @@ from safetensors import safe_open
 from megaflamingo.checkpoint import load_state_dict
 from megaflamingo.checkpoint.consolidate import zero_source
 from megaflamingo.checkpoint.integrity import CheckpointError
-from tools.convert import main as cli
+from megaflamingo.cli.convert import main as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 FROZEN = ["frozen_proj.weight", "frozen_proj.bias"]

@@ -8,7 +8,7 @@ import yaml
 from megaflamingo.config import load_config
 from megaflamingo.data import build_train_loader, build_valid_loaders
 
-from data_fixtures import encoder_meta, make_knn, make_split
+from tests.data.data_fixtures import encoder_meta, make_knn, make_split
 
 D, W = 8, 4
 
@@ -62,7 +62,7 @@ def _check_batches(loader, token_ids, fewshot):
         B, T = b["input_ids"].shape
         assert b["audio_embeds"].shape == (B, fewshot * W, D) and b["audio_mask"].shape == (B, fewshot * W)
         assert b["labels"].shape == (B, T) and ((b["labels"] != -100).sum(1) > 0).all()
-        n_media = (b["input_ids"] == token_ids["media"]).sum(1)
+        n_media = (b["input_ids"] == token_ids.media).sum(1)
         # one <audio> token per audio that has windows, and audios fill slots from the start
         has_audio = b["audio_mask"].view(B, fewshot, W)[:, :, 0]
         assert torch.equal(has_audio.sum(1), n_media)
@@ -90,7 +90,7 @@ def test_sft_8shot_yaml(arrow_root, tiny_tok, tiny_token_ids):
     valid = build_valid_loaders(cfg, tiny_tok, tiny_token_ids)
     assert list(valid) == ["Clotho-AQA-AQA/val", "Clotho-v2-AudioCaptioning/interleaved_knn-val"]
     b = next(iter(valid["Clotho-v2-AudioCaptioning/interleaved_knn-val"]))
-    assert (b["input_ids"] == tiny_token_ids["media"]).sum(1).tolist() == [8] * b["input_ids"].shape[0]
+    assert (b["input_ids"] == tiny_token_ids.media).sum(1).tolist() == [8] * b["input_ids"].shape[0]
     text = tiny_tok.decode(b["input_ids"][0])
     assert "Here are similar examples. The task is audio captioning. <audio>describe the sound in a sentence." in text
 

@@ -6,7 +6,7 @@ from megaflamingo.config import DataConfig, DatasetEntry, EncoderConfig, ModelCo
 from megaflamingo.data import build_train_loader
 from megaflamingo.data.reader import ArrowDataset, DataError, parse_blend_name
 
-from data_fixtures import D, W, encoder_meta, make_knn, make_split
+from tests.data.data_fixtures import D, W, encoder_meta, make_knn, make_split
 
 MODEL = ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=4)
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from megaflamingo.data.blending import plan_epoch, virtual_epoch_items
-from megaflamingo.data.collate import af1_distributed_indices, length_grouped_batches
+from megaflamingo.data.sampling import af1_distributed_indices, length_grouped_batches
 
 
 def _af1_shuffle_dict(dic, seed):

@@ -7,7 +7,7 @@ from megaflamingo.config import Config, DataConfig, DatasetEntry, ModelConfig
 from megaflamingo.data import build_train_loader, build_valid_loaders
 from megaflamingo.data.reader import DataError
 
-from data_fixtures import D, W, make_knn, make_split
+from tests.data.data_fixtures import D, W, make_knn, make_split
 
 MODEL = ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=4)
 

@@ -1,5 +1,5 @@
 """`megaflamingo-train` on configs/tiny_cpu.yaml with the real data pipeline (Arrow splits written by
-megaflamingo.engine.synthetic): clear pre-flight errors, dry run, train + resume auto."""
+megaflamingo.testing.tiny_task): clear pre-flight errors, dry run, train + resume auto."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megaflamingo.engine.cli import main
-from megaflamingo.engine.synthetic import write_tiny_dataset
+from megaflamingo.cli.train import main
+from megaflamingo.testing.tiny_task import write_tiny_dataset
 
 REPO = Path(__file__).parents[2]
 CFG = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -56,15 +56,13 @@ def test_validation_text_is_cut_at_the_lms_positions(data_root, monkeypatch):
     from megaflamingo.engine import build
 
     seen = []
-    import megaflamingo.data as data_pkg
-
-    real = data_pkg.build_valid_loaders
-    monkeypatch.setattr(data_pkg, "build_valid_loaders", lambda *a, **kw: seen.append(kw["max_tokens"]) or real(*a, **kw))
+    real = build.build_valid_loaders
+    monkeypatch.setattr(build, "build_valid_loaders", lambda *a, **kw: seen.append(kw["max_tokens"]) or real(*a, **kw))
     monkeypatch.setenv("MF_DATA_ROOT", str(data_root))
     monkeypatch.setenv("MF_RUN_DIR", str(data_root / "run"))
     for max_tokens, want in ((64, 320), (512, 1024)):
         cfg = load_config(CFG, [f"data.max_tokens={max_tokens}"])
-        tok, ids = build.build_tokenizer(cfg)
+        tok, ids = build.build_run_tokenizer(cfg)
         _, valid = build.build_loaders(cfg, tok, ids, 0, 1)
         assert valid and seen[-1] == want
 
@@ -82,7 +80,7 @@ def test_train_resume_auto_and_dry_run(tmp_path, data_root):
     env = dict(os.environ, MF_DATA_ROOT=str(data_root), MF_RUN_DIR=str(tmp_path / "run"), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    base = [sys.executable, "-m", "megaflamingo.engine.cli", "--config", CFG, "train.save_steps=3",
+    base = [sys.executable, "-m", "megaflamingo.cli.train", "--config", CFG, "train.save_steps=3",
             "train.logging_steps=2", "train.eval_steps=3", "train.eval_max_batches=1"]
     dry = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]

@@ -224,14 +224,14 @@ def test_init_from_our_deepspeed_checkpoint_dir(ref):
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from megaflamingo.engine.build import build_flamingo, build_lm, build_tokenizer, load_init_weights
-    from megaflamingo.engine.synthetic import make_config, tiny_raw_config
+    from megaflamingo.engine.build import build_run_model, build_run_tokenizer, load_init_weights
+    from megaflamingo.testing.tiny_task import make_config, tiny_raw_config
 
     tmp, _ = ref
     cfg = make_config(tiny_raw_config())
-    tok, ids = build_tokenizer(cfg)
+    tok, ids = build_run_tokenizer(cfg)
     torch.manual_seed(5)
-    model = build_flamingo(cfg, build_lm(cfg, len(tok), None), ids, None)
+    model = build_run_model(cfg, tok, ids, None)
     info = load_init_weights(model, str(tmp / "ref" / "checkpoints"), rank=0)  # follows `latest`
     assert info["loaded"] > 0 and not [m for m in info["missing"] if "gated_cross_attn" in m]
     want = get_fp32_state_dict_from_zero_checkpoint(str(tmp / "ref" / "checkpoints"), tag="step-00000010")

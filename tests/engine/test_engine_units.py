@@ -12,8 +12,8 @@ from megaflamingo.engine.distributed import discover_env
 from megaflamingo.engine.ds_config import build_ds_config
 from megaflamingo.engine.flops import flop_spec
 from megaflamingo.engine.optim import lr_lambda, param_groups
-from megaflamingo.engine.synthetic import SyntheticBatches, make_config, tiny_raw_config
-from megaflamingo.engine.trainer import token_losses
+from megaflamingo.testing.tiny_task import SyntheticBatches, make_config, tiny_raw_config
+from megaflamingo.model.loss import token_losses
 
 
 def cfg_with(**train):
@@ -80,12 +80,12 @@ def test_ds_merge_overrides_and_shipped_jsons():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from megaflamingo.engine.build import build_flamingo, build_lm, build_tokenizer
+    from megaflamingo.engine.build import build_run_model, build_run_tokenizer
 
     cfg = cfg_with(precision="fp32")
-    tok, ids = build_tokenizer(cfg)
+    tok, ids = build_run_tokenizer(cfg)
     torch.manual_seed(0)
-    return build_flamingo(cfg, build_lm(cfg, len(tok), None), ids, None), ids, len(tok)
+    return build_run_model(cfg, tok, ids, None), ids, len(tok)
 
 
 def test_param_groups_decay_only_xattn_and_skip_frozen(tiny_model):
@@ -238,7 +238,7 @@ def test_shards_are_fsynced_before_the_marker(tmp_path, monkeypatch):
         marker = tmp_path / "checkpoints" / "step-00000010" / ck.MARKER
         synced.append((Path(path).name, marker.exists()))
 
-    monkeypatch.setattr(ck, "_fsync_path", record)
+    monkeypatch.setattr(ck, "fsync_path", record)
     ck.CheckpointManager(tmp_path, rank=0, world_size=1, keep_last=2).save(FakeEngine(), 10, {}, {})
     before_marker = {name for name, marker_there in synced if not marker_there}
     assert {"shard.pt", "megaflamingo_rank0.pt", "step-00000010"} <= before_marker
@@ -251,7 +251,7 @@ def test_each_rank_fsyncs_only_its_own_files(tmp_path, monkeypatch):
              "mp_rank_00_model_states.pt", "megaflamingo_rank1.pt", "megaflamingo_rank0.pt"]
     for n in names:
         (tmp_path / n).write_bytes(b"x")
-    monkeypatch.setattr(ck, "_fsync_path", lambda p: None)
+    monkeypatch.setattr(ck, "fsync_path", lambda p: None)
     got = {r: sorted(f.name for f in ck.fsync_own_files(tmp_path, r)) for r in (0, 1, 12)}
     assert got[0] == sorted([names[0], names[4], names[6]])
     assert got[1] == sorted([names[1], names[2], names[5]])
@@ -299,16 +299,16 @@ def test_init_from_af1_checkpoint_file(tiny_model, tmp_path):
     """An AF1-style .pt (model_state_dict with AF1's duplicate aliases and clap.* keys) initialises a
     freshly built model exactly."""
     from megaflamingo.compat import af1
-    from megaflamingo.engine.build import build_flamingo, build_lm, build_tokenizer, load_init_weights
+    from megaflamingo.engine.build import build_run_model, build_run_tokenizer, load_init_weights
 
     src, _, _ = tiny_model
     sd = af1.export_state_dict(src)
     sd["clap.some.weight"] = torch.zeros(2)
     torch.save({"model_state_dict": sd}, tmp_path / "checkpoint_99.pt")
     cfg = cfg_with(precision="fp32")
-    tok, ids = build_tokenizer(cfg)
+    tok, ids = build_run_tokenizer(cfg)
     torch.manual_seed(99)
-    dst = build_flamingo(cfg, build_lm(cfg, len(tok), None), ids, None)
+    dst = build_run_model(cfg, tok, ids, None)
     assert not torch.equal(dst.audio_transformer.layer_norm.weight, src.audio_transformer.layer_norm.weight) or \
         not all(torch.equal(a, b) for a, b in zip(dst.parameters(), src.parameters()))
     info = load_init_weights(dst, str(tmp_path / "checkpoint_99.pt"), rank=0)
@@ -324,13 +324,13 @@ def test_build_lm_sizes_embeddings_to_the_tokenizer_like_af1():
     """AF1 resizes the LM to len(tokenizer) in both directions (OPT ships 50272 rows for 50268
     tokens), so its checkpoints only load into an LM sized the same way."""
     from megaflamingo.config import load_config
-    from megaflamingo.engine.build import build_lm
+    from megaflamingo.model.build import build_lm
     from megaflamingo.testing import tiny_lm_config_dict
 
     for rows in (520, 500):
         cfg = load_config()
         cfg.model.lm_config = tiny_lm_config_dict("opt", vocab_size=rows)
-        lm = build_lm(cfg, 512, None)
+        lm = build_lm(cfg.model, 512)
         assert lm.get_input_embeddings().num_embeddings == 512
         assert lm.get_output_embeddings().weight.shape[0] == 512
 

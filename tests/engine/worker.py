@@ -41,11 +41,11 @@ class Interleave:
 
 def main(spec_path):
     spec = json.load(open(spec_path))
-    from megaflamingo.engine.build import build_flamingo, build_lm, build_tokenizer
+    from megaflamingo.engine.build import build_run_model, build_run_tokenizer
     from megaflamingo.engine.distributed import device_for, discover_env, init_distributed
     from megaflamingo.engine.ds_config import build_ds_config
     from megaflamingo.engine.run import seed_everything
-    from megaflamingo.engine.synthetic import SyntheticBatches, make_config, tiny_raw_config
+    from megaflamingo.testing.tiny_task import SyntheticBatches, make_config, tiny_raw_config
     from megaflamingo.engine.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -59,11 +59,10 @@ def main(spec_path):
     device = device_for(world)
     init_distributed(world, cfg.train.dist_timeout_s)
     seed_everything(cfg.train.seed, world.rank)
-    tok, ids = build_tokenizer(cfg)
+    tok, ids = build_run_tokenizer(cfg)
     ds = build_ds_config(cfg, world.world_size, hidden_size=64)
-    lm = build_lm(cfg, len(tok), ds)
     # The tiny OPT has no dropout; AF1's audio transformer keeps its 0.1 (so RNG restore matters).
-    model = build_flamingo(cfg, lm, ids, ds)
+    model = build_run_model(cfg, tok, ids, ds)
     if spec.get("init_from"):
         return init_from_and_report(spec, model, cfg, world, device, ds)
     if cfg.train.gradient_checkpointing:
@@ -137,8 +136,8 @@ def init_from_and_report(spec, model, cfg, world, device, ds):
     from megaflamingo.engine.trainer import Trainer
 
     reads = []
-    orig = build._read_state_dict
-    build._read_state_dict = lambda p: reads.append(str(p)) or orig(p)
+    orig = build._read_init_weights
+    build._read_init_weights = lambda m, p: reads.append(str(p)) or orig(m, p)
     try:
         build.load_init_weights(model, spec["init_from"], world.rank)
     except Exception as e:  # noqa: BLE001 - reported to the test

@@ -1,6 +1,6 @@
 import pytest
 
-from megaflamingo import synthetic
+from megaflamingo.testing import sounds as synthetic
 
 
 @pytest.fixture(scope="session")

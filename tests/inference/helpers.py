@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megaflamingo import synthetic
+from megaflamingo.testing import sounds as synthetic
 from megaflamingo.config import load_config
 
 DS = f"{synthetic.DATASET}-{synthetic.TASK}"
@@ -34,7 +34,7 @@ def model_config_overrides(embed_dim: int, fewshot: int) -> list[str]:
 
 
 def embed_splits(data: Path, arrow: Path, splits=("train", "test"), embed_dim: int = 64) -> None:
-    from preprocess.cli import main as preprocess_main
+    from megaflamingo.cli.preprocess import main as preprocess_main
 
     for split in splits:
         rc = preprocess_main(["embed", "--manifest", str(data / "manifests" / DS / f"{split}.jsonl"),
@@ -45,12 +45,6 @@ def embed_splits(data: Path, arrow: Path, splits=("train", "test"), embed_dim: i
 
 def train_and_export(arrow: Path, out: Path, embed_dim: int = 64, fewshot: int = 4, steps: int = 160,
                      batch: int = 16, seed: int = 0) -> Path:
-    from megaflamingo.data.labels import build_labels
-    from megaflamingo.inference.batch import items_from_split
-    from megaflamingo.inference.load import build_from_config, build_tokenizer, encoder_record_from_dataset
-    from megaflamingo.inference.prompts import single_prompt
-    from megaflamingo.model import apply_freeze_policy
-
     torch.manual_seed(seed)
     # Two cores shared by several test processes: one intra-op thread avoids oversubscription.
     threads = torch.get_num_threads()
@@ -64,16 +58,16 @@ def train_and_export(arrow: Path, out: Path, embed_dim: int = 64, fewshot: int =
 def _train(arrow, out, embed_dim, fewshot, steps, batch, seed):
     from megaflamingo.data.labels import build_labels
     from megaflamingo.inference.batch import items_from_split
-    from megaflamingo.inference.load import build_from_config, build_tokenizer, encoder_record_from_dataset
+    from megaflamingo.checkpoint.model_dir import config_tokenizer, encoder_record_from_dataset
     from megaflamingo.inference.prompts import single_prompt
-    from megaflamingo.model import apply_freeze_policy
+    from megaflamingo.model import apply_freeze_policy, build_from_config
 
     # The config records what the loop below trains on (prompts as given, no task prefix), so
     # inference prompts the model in that form.
     blend = {f"{DS}/train": {"prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}}
     cfg = load_config(None, model_config_overrides(embed_dim, fewshot) + [f"data.blend={json.dumps(blend)}"])
-    tok = build_tokenizer(cfg)
-    model, ids = build_from_config(cfg, tok)
+    tok = config_tokenizer(cfg)
+    model, ids = build_from_config(cfg.model, tok)
     apply_freeze_policy(model, "pretrain")
     items, record, _ = items_from_split(arrow / DS / "train")
     silence = np.asarray(record["silence_embedding"], dtype=np.float32)
@@ -103,7 +97,7 @@ def _train(arrow, out, embed_dim, fewshot, steps, batch, seed):
 def save_export(model, cfg, out: Path, encoder_record: dict) -> Path:
     from safetensors.torch import save_file
 
-    from megaflamingo.inference.load import write_encoder_record
+    from megaflamingo.checkpoint.model_dir import write_encoder_record
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

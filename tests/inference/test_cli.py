@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from megaflamingo import synthetic
-from megaflamingo.inference.cli import main
+from megaflamingo.testing import sounds as synthetic
+from megaflamingo.cli.infer import main
 
 DS = f"{synthetic.DATASET}-{synthetic.TASK}"
 
@@ -189,7 +189,7 @@ def test_batch_from_preprocessed_split(trained, tmp_path, capsys):
 
 
 def test_encoder_mismatch_is_an_error(trained, tmp_path, capsys):
-    from preprocess.cli import main as preprocess_main
+    from megaflamingo.cli.preprocess import main as preprocess_main
 
     other = tmp_path / "other"
     # Same clips, but embedded with another tiny-encoder seed: the model would answer garbage.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaflamingo import synthetic
-from megaflamingo.inference.cli import main
+from megaflamingo.testing import sounds as synthetic
+from megaflamingo.cli.infer import main
 
 
 def _clip(t):
@@ -58,7 +58,8 @@ def _leftovers():
 
 def test_af1_checkpoint_answers_like_the_original(trained, tmp_path, capsys):
     from megaflamingo.compat import af1
-    from megaflamingo.inference.load import load_model, read_weights
+    from megaflamingo.checkpoint.load import load_state_dict
+    from megaflamingo.inference.load import load_model
 
     original = load_model(trained["model"])
     pt = tmp_path / "foundation.pt"
@@ -77,7 +78,7 @@ def test_af1_checkpoint_answers_like_the_original(trained, tmp_path, capsys):
     (kept,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert (kept / "config.json").is_file()
     # The imported dir stores tied weights once; the index records the tie and reading re-ties it.
-    sd = read_weights(kept)
+    sd = load_state_dict(kept)
     own = original.model.state_dict()
     tied = [(a, b) for a in own for b in own if a < b and own[a].data_ptr() == own[b].data_ptr()]
     assert tied, "the tiny OPT LM ties lm_head to the input embeddings"
@@ -94,7 +95,7 @@ def test_icl_retrieval_over_laion_clap_clip_embeddings(trained, tmp_path, capsys
 
     from megaflamingo.data.arrow_format import open_shards, read_metadata
     from megaflamingo.inference.embed import ClipEmbedder
-    from preprocess.cli import main as preprocess_main
+    from megaflamingo.cli.preprocess import main as preprocess_main
 
     ds = f"{synthetic.DATASET}-{synthetic.TASK}"
     rows = trained["ds"].manifests["train"].read_text().splitlines()[::2][:6]

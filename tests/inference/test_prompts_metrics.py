@@ -11,8 +11,9 @@ from megaflamingo.inference.prompts import (Example, chat_prompt, decode_answer,
 
 
 def _training_text(tok, ids, shots, interleaved=None, prefix_prob=0.0):
-    """The data pipeline's own sample text for the same item (megaflamingo.data.assemble)."""
-    from megaflamingo.data.assemble import Item, Shot, SpecialText, build_text
+    """The data pipeline's own sample text for the same item (megaflamingo.data.text)."""
+    from megaflamingo.data.sources import Item, Shot
+    from megaflamingo.data.text import SpecialText, build_text
     from megaflamingo.data.templates import TemplateRegistry
 
     item = Item(shots=[Shot(path=f"a{i}.wav", prompt=p, output=o, windows=np.zeros((1, 4), np.float32))
@@ -58,9 +59,9 @@ def test_multi_audio_and_prefix(tiny_tok):
 
 def test_decode_answer_stops_at_eoc(tiny_tok, tiny_token_ids):
     ids = tiny_tok("low tone", add_special_tokens=False)["input_ids"]
-    new = ids + [tiny_token_ids["eoc"]] + tiny_tok(" junk", add_special_tokens=False)["input_ids"]
+    new = ids + [tiny_token_ids.eoc] + tiny_tok(" junk", add_special_tokens=False)["input_ids"]
     assert decode_answer(tiny_tok, new) == "low tone"
-    assert decode_answer(tiny_tok, ids + [tiny_token_ids["pad"]] * 3) == "low tone"
+    assert decode_answer(tiny_tok, ids + [tiny_token_ids.pad] * 3) == "low tone"
 
 
 def test_classification_metrics():

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, unavailable_reason
+from tests.launch.slurm_cluster import SlurmCluster, unavailable_reason
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """``<root>/SynthTiny-EventClassification/{train,val}``, the data of configs/tiny_cpu.yaml."""
-    from megaflamingo.engine.synthetic import write_tiny_dataset
+    from megaflamingo.testing.tiny_task import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("synth_tiny")
     write_tiny_dataset(root)

@@ -4,7 +4,7 @@ Everything (keys, sockets, state, spool, logs, slurm.conf) lives in one temporar
 daemons run in the foreground as children of the test process and are stopped by PID, so nothing
 outside that directory is touched and a crashed test cannot leave a daemon bound to a system path.
 
-No systemd here, so (DESIGN.md section 5): munged runs as the ``munge`` user, the Slurm daemons as
+There is no systemd on these machines, so munged runs as the ``munge`` user, the Slurm daemons as
 root, ``proctrack/linuxproc`` + ``task/none`` (no cgroups), and both nodes live on 127.0.0.1 with
 their own ports (``SlurmdParameters=config_overrides`` lets them claim CPUs the host may not have).
 Ports are picked free at start so two test sessions on one machine do not collide.

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launch_util import REPO, free_port, job_env, read_steps
+from tests.launch.launch_util import REPO, free_port, job_env, read_steps
 
 STEPS = 3
 OVERRIDES = [f"train.max_steps={STEPS}", "train.save_steps=1000", "train.eval_steps=1000", "train.progress_bar=false",

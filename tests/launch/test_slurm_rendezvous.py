@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from launch_util import job_env
-from slurm_cluster import SlurmError
+from tests.launch.launch_util import job_env
+from tests.launch.slurm_cluster import SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.distributed]
 

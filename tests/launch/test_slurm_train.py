@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from launch_util import REPO, job_env, read_steps
-from slurm_cluster import SlurmError
+from tests.launch.launch_util import REPO, job_env, read_steps
+from tests.launch.slurm_cluster import SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.distributed]
 

@@ -1,6 +1,6 @@
 """A slow, obviously-correct re-statement of AF1's model math (explicit loops), used only by the tests.
 
-Written from the AF1 semantics in DESIGN.md §4, independent of megaflamingo.model's code paths: its own
+Written from AF1's semantics (measured by running the original code), independent of megaflamingo.model's code paths: its own
 sinusoid table (numpy, per-element formula), its own attention with -finfo.max filling and row-max
 subtraction, a per-token loop for the few-shot mask, and AF1's *stateful* layer conditioning (media
 stashed on the layer objects) instead of our per-call kwargs.

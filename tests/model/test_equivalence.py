@@ -4,7 +4,7 @@ import torch
 
 from megaflamingo.model import apply_freeze_policy, media_visibility
 
-import model_af1_reference as ref
+from tests.model import model_af1_reference as ref
 
 
 def test_mask_matches_per_token_loop():

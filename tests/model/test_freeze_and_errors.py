@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import TOK, WPA, batch, build
+from tests.model.builders import TOK, WPA, batch, build
 
 from megaflamingo.model import apply_freeze_policy, build_model, policy_from_train_config
+from megaflamingo.tokens import SpecialTokens
 
 
 def _grads(model, b):
@@ -73,7 +74,7 @@ def test_build_model_from_our_config():
                                                                max_window_per_audio=WPA),
                       xattn=XattnConfig(every_n_layers=2, heads=2, dim_head=8))
     lm = AutoModelForCausalLM.from_config(tiny_qwen2_config(vocab_size=96, hidden_size=32, num_layers=4))
-    model = build_model(cfg, lm, TOK)
+    model = build_model(cfg, lm, SpecialTokens.of(TOK))
     assert [l.gated_cross_attn_layer is not None for l in model.flamingo_layers] == [False, True, False, True]
     out = model(**batch())
     assert out.logits.shape == (3, 14, 96) and torch.isfinite(out.loss)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TOK, WPA
+from tests.model.builders import TOK, WPA
 
 from megaflamingo.model.generation import _positions
 

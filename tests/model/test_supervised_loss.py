@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from megaflamingo.compat import af1
-from megaflamingo.engine.trainer import token_losses
+from megaflamingo.model.loss import token_losses
 from megaflamingo.model import SupervisedLoss, apply_freeze_policy
 from megaflamingo.testing import tiny_opt_config
 
-from conftest import CONFIGS, D_AUDIO, SHOTS, TOK, VOCAB, WPA, batch, build
+from tests.model.builders import CONFIGS, D_AUDIO, SHOTS, TOK, VOCAB, WPA, batch, build
 
 
 def _opt_proj_model():

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from conftest import build, batch  # tests/model is sys.path[0] when run as a script
+from builders import batch, build  # tests/model is sys.path[0] when run as a script
 
 from megaflamingo.model import apply_freeze_policy
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from audio_fixtures import make_folder
+from tests.audio.audio_fixtures import make_folder
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audio_fixtures import GOOD
+from tests.audio.audio_fixtures import GOOD
 from megaflamingo.audio.decode import load_audio
 from megaflamingo.audio.encoders import build_encoder
 from megaflamingo.audio.windows import frame_windows, sliding_windows
 from megaflamingo.data import arrow_format as af
 from megaflamingo.data.knn import read_knn
-from preprocess.cli import main
+from megaflamingo.cli.preprocess import main
 
 DIM = 16
 EXPECTED_WINDOWS = {"a/tone.wav": 1, "a/chirp.flac": 3, "b/noise.ogg": 4, "b/speech.mp3": 16,
@@ -143,7 +143,7 @@ def test_resume_after_kill_is_identical(audio_folder, tmp_path):
     args = ["--rows-per-shard", "3", "--dataset", "toy", "--task", "T", "--split", "train"]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert main(embed_args(manifest, data, ref, "--workers", "0", *args)) == 0
-    cmd = [sys.executable, "-m", "preprocess", *embed_args(manifest, data, out, "--workers", "1", *args)]
+    cmd = [sys.executable, "-m", "megaflamingo.cli.preprocess", *embed_args(manifest, data, out, "--workers", "1", *args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -213,7 +213,7 @@ def test_laion_clip_embeddings_for_knn(torchvision_stub, tmp_path):
 
 
 def test_shard_selection_from_flag_and_environment():
-    from preprocess.embed import EmbedError, parse_shard
+    from megaflamingo.preprocess.embed import EmbedError, parse_shard
     assert parse_shard("2/5", {}) == (2, 5)
     assert parse_shard(None, {}) == (0, 1)
     assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)

@@ -1,0 +1,171 @@
+"""`megaflamingo-preprocess {embed,merge,knn,manifest}` (also `python -m megaflamingo.cli.preprocess`).
+
+    # folder + captions table -> JSONL manifest (for data without AF1's per-dataset scripts)
+    megaflamingo-preprocess manifest --folder DATA/clips --labels captions.csv --out train.jsonl \
+        --data-root DATA --dataset mine --task AudioCaptioning --split train
+    # window embeddings (AF1: ClapCap) + LAION-CLAP clip embeddings for kNN
+    megaflamingo-preprocess embed --manifest train.jsonl --data-root DATA \
+        --out arrow/mine-AudioCaptioning/train --encoder clapcap --checkpoint clapcap_weights_2023.pth \
+        --clip-encoder laion-clap --clip-checkpoint 630k-audioset-fusion-best.pt --device cuda
+    # at scale: one job per --shard I/N (or a Slurm array / torchrun ranks), then
+    megaflamingo-preprocess merge --out arrow/mine-AudioCaptioning/train
+    # few-shot neighbours for every row of a split, from train
+    megaflamingo-preprocess knn --split-dir arrow/mine-AudioCaptioning/val -k 8
+
+Exit codes: 0 ok; 1 the run finished but more files than --max-bad-fraction were unusable
+(see `bad_files` in metadata.json); 2 usage / manifest / encoder / resume-mismatch errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megaflamingo.audio.decode import AF1_MIN_FILE_BYTES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaflamingo-preprocess",
+                                description="Offline preprocessing: audio -> Arrow window embeddings")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("embed", help="decode + window + encode a manifest into Arrow shards")
+    e.add_argument("--manifest", required=True, help="AF1 JSON manifest, JSON list or JSONL")
+    e.add_argument("--data-root", required=True, help="audio paths are relative to this folder")
+    e.add_argument("--out", required=True, help="output split directory (<dataset>-<task>/<split>)")
+    e.add_argument("--encoder", choices=["clapcap", "laion-clap", "tiny"], default="clapcap")
+    e.add_argument("--checkpoint", help="encoder weights (clapcap_weights_2023.pth, "
+                                        "630k-audioset-fusion-best.pt)")
+    e.add_argument("--random-init", action="store_true",
+                   help="random encoder weights (tests only; recorded in metadata.json)")
+    e.add_argument("--embed-dim", type=int, help="tiny encoder output size (default 1024)")
+    e.add_argument("--seed", type=int, default=0, help="tiny encoder weights seed")
+    e.add_argument("--no-fusion", dest="fusion", action="store_false",
+                   help="LAION-CLAP without feature fusion (630k-audioset-best.pt)")
+    e.add_argument("--clip-encoder", default="auto", choices=["auto", "none", "mean", "laion-clap"],
+                   help="clip embedding for kNN: laion-clap (AF1), mean of the window embeddings "
+                        "(tiny/quickstart), none. auto: laion-clap for laion-clap, mean for tiny, "
+                        "none otherwise")
+    e.add_argument("--clip-checkpoint", help="LAION-CLAP weights when --clip-encoder laion-clap")
+    e.add_argument("--batch-size", type=int, default=32, help="windows per encoder forward")
+    e.add_argument("--workers", type=int, default=2, help="decoding processes (0: in-process)")
+    e.add_argument("--shard", help="I/N: this job's share (default: Slurm array / RANK env, else 0/1)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (cuda: LOCAL_RANK picks N)")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage dtype of window embeddings")
+    e.add_argument("--rows-per-shard", type=int, default=1024)
+    e.add_argument("--min-file-bytes", type=int, default=AF1_MIN_FILE_BYTES,
+                   help="skip smaller files (AF1's floor; 0 disables)")
+    e.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="exit 1 when more than this fraction of the files is unusable")
+    e.add_argument("--dataset")
+    e.add_argument("--task")
+    e.add_argument("--split")
+    e.add_argument("--window-s", type=float, default=7.0)
+    e.add_argument("--overlap-s", type=float, default=5.25)
+    e.add_argument("--max-windows", type=int, default=16)
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths outside --data-root (absolute or ../); refused by default")
+
+    m = sub.add_parser("merge", help="write metadata.json once every shard job has finished")
+    m.add_argument("--out", required=True)
+    m.add_argument("--max-bad-fraction", type=float, default=0.05)
+
+    k = sub.add_parser("knn", help="few-shot neighbours from the train split (AF1 interleaved_knn)")
+    k.add_argument("--split-dir", required=True, help="embedded split to make few-shot rows for")
+    k.add_argument("--train-dir", help="embedded train split (default: <split-dir>/../train)")
+    k.add_argument("-k", "--k", type=int, default=8, help="few-shot size; k-1 neighbours kept (AF1: 8)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--index", choices=["flat", "ivf"], default="flat")
+    k.add_argument("--nlist", type=int)
+    k.add_argument("--nprobe", type=int, default=16)
+
+    f = sub.add_parser("manifest", help="folder + CSV/JSON of captions or labels -> JSONL manifest")
+    f.add_argument("--folder", required=True)
+    f.add_argument("--labels", required=True, help="CSV/TSV (file,caption[,prompt]) or JSON")
+    f.add_argument("--out", required=True, help="JSONL file to write")
+    f.add_argument("--data-root", help="paths are written relative to this (default: --folder)")
+    f.add_argument("--prompt", default="describe the sound in a sentence.")
+    f.add_argument("--dataset")
+    f.add_argument("--task")
+    f.add_argument("--split")
+    return p
+
+
+def _bad_exit(bad: int, total: int, limit: float, what: str) -> int:
+    frac = bad / total if total else 0.0
+    if frac > limit:
+        print(f"[preprocess] {what}: {bad}/{total} files unusable ({frac:.1%}) > --max-bad-fraction "
+              f"{limit:.1%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device(dev: str) -> str:
+    import os
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return dev
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from megaflamingo.audio.encoders import EncoderError
+    from megaflamingo.data.arrow_format import FormatError
+    from megaflamingo.data.knn import KnnError
+    from megaflamingo.data.manifests import ManifestError
+    from megaflamingo.preprocess.embed import EmbedError, EmbedOptions, finalize, parse_shard, run_embed
+
+    errors = (EmbedError, EncoderError, ManifestError, KnnError, FormatError)
+    try:
+        if args.cmd == "embed":
+            opts = EmbedOptions(
+                manifest=args.manifest, data_root=args.data_root, out=args.out, encoder=args.encoder,
+                checkpoint=args.checkpoint, random_init=args.random_init, embed_dim=args.embed_dim,
+                seed=args.seed, fusion=args.fusion, clip_encoder=args.clip_encoder,
+                clip_checkpoint=args.clip_checkpoint, batch_size=args.batch_size,
+                workers=args.workers, shard=parse_shard(args.shard), device=_device(args.device),
+                dtype=args.dtype, rows_per_shard=args.rows_per_shard,
+                min_file_bytes=args.min_file_bytes, max_bad_fraction=args.max_bad_fraction,
+                dataset=args.dataset, task=args.task, split=args.split, window_s=args.window_s,
+                overlap_s=args.overlap_s, max_windows=args.max_windows, progress=args.progress,
+                allow_outside_root=args.allow_outside_root)
+            s = run_embed(opts, log=lambda msg: print(msg, file=sys.stderr))
+            print(json.dumps({"summary": s}, indent=2))
+            bad = sum(s["bad_by_reason"].values())
+            return _bad_exit(bad, s["processed_items"], args.max_bad_fraction, "this job")
+        if args.cmd == "merge":
+            meta = finalize(args.out)
+            total = meta["num_manifest_items"]
+            reasons: dict[str, int] = {}
+            for b in meta["bad_files"]:
+                reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+            print(json.dumps({"num_rows": meta["num_rows"], "audio_hours": meta["audio_hours"],
+                              "bad_by_reason": reasons}, indent=2))
+            return _bad_exit(len(meta["bad_files"]), total, args.max_bad_fraction, "dataset")
+        if args.cmd == "knn":
+            from megaflamingo.data.knn import build_knn
+            info = build_knn(args.split_dir, args.train_dir, k=args.k, seed=args.seed,
+                             index_type=args.index, nlist=args.nlist, nprobe=args.nprobe)
+            print(json.dumps(info, indent=2))
+            return 0
+        if args.cmd == "manifest":
+            from megaflamingo.data.manifests import build_manifest
+            s = build_manifest(args.folder, args.labels, args.out, prompt=args.prompt,
+                               data_root=args.data_root, dataset=args.dataset, task=args.task,
+                               split=args.split)
+            print(json.dumps({"written": s["written"],
+                              "labels_without_audio": len(s["labels_without_audio"]),
+                              "audio_without_labels": len(s["audio_without_labels"])}, indent=2))
+            for name in s["labels_without_audio"][:20]:
+                print(f"[manifest] no audio file for label row {name!r}", file=sys.stderr)
+            return 0
+    except errors as e:
+        print(f"megaflamingo-preprocess {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Retrieval-augmented few-shot answers (AF1's ICL-based RAG): retrieve the query's nearest examples
+from a preprocessed train split, show them in their trained form, then ask the query."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .embed import ClipEmbedder, compare_encoders, compare_windows
+from .prompts import Example, TrainingForm, answer_suffix, fewshot_prompt
+from .retrieval import Neighbour, RetrievalIndex, build_examples
+from .runner import Query, Runner
+
+
+def split_task(index: RetrievalIndex) -> Optional[str]:
+    """The ``<Dataset>-<Task>`` of the split the index was built from."""
+    return "-".join(index.meta[k] for k in ("dataset", "task") if index.meta.get(k)) or None
+
+
+def open_index(loaded, train_split: str) -> RetrievalIndex:
+    """A retrieval index over ``train_split``, refused when its embeddings are not the model's (the
+    neighbours' stored embeddings go into the model next to the query's)."""
+    index = RetrievalIndex(train_split)
+    compare_encoders(loaded.encoder["encoder"], index.meta["encoder"], "the model", str(train_split))
+    compare_windows(loaded.encoder.get("windows") or {}, index.meta["windows"], "the model", str(train_split))
+    return index
+
+
+def neighbours_of(index: RetrievalIndex, audio_path: str, windows: np.ndarray, k: int, device: str = "cpu",
+                  clip_checkpoint: Optional[str] = None) -> list[Neighbour]:
+    """The k nearest train rows of a query clip, never rows of the query's own file."""
+    if index.use_clip:  # the split's keys are LAION-CLAP clip embeddings: embed the query the same way
+        key = ClipEmbedder(index.meta["clip_encoder"], index.meta["windows"], device, clip_checkpoint).embed(audio_path)
+    else:
+        key = index.key_for_windows(windows)
+    # AF1 never shows the query's own file as an example (querying with a train clip).
+    query = Path(audio_path).resolve().as_posix()
+    same_file = [p for p in set(index.paths) if query.endswith("/" + p.lstrip("/"))]
+    return index.neighbours(key, k, exclude_paths=same_file)
+
+
+def answer_with_examples(runner: Runner, loaded, index: RetrievalIndex, neigh: list[Neighbour],
+                         windows: np.ndarray, prompt: str, prefix: Optional[str] = None) -> str:
+    """The answer to ``prompt`` about the query audio with ``neigh`` as in-context examples (farthest
+    first), each rendered as training showed its task; ``prefix`` replaces the task's prefix."""
+    task = split_task(index)
+    form = TrainingForm.of(loaded.config)
+    render = None
+    if task:  # the examples as training showed them (e.g. mtg-jamendo's fixed question, no options)
+        def render(n):
+            return Example(*form.render(task, n.path, n.prompt, n.output, no_options=True)[1:])
+    examples, ex_windows = build_examples(neigh, render)
+    text = fewshot_prompt(loaded.tokenizer, examples, prompt, form.prefix(task) if prefix is None else prefix,
+                          suffix=answer_suffix(loaded.config))
+    return runner.answer([Query(text, ex_windows + [windows])])[0]
