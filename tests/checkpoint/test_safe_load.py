@@ -191,3 +191,17 @@ def test_converter_loader_says_random_bytes_are_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         torch_load(f)
     assert "not a PyTorch checkpoint" in str(e.value) and "trust" not in str(e.value)
+
+
+def test_scan_lists_refused_globals_per_file(tmp_path, capsys):
+    import json
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    (tmp_path / "sub").mkdir()
+    torch.save({"x": SystemPayload(tmp_path / "M")}, tmp_path / "sub" / "bad.pt")
+    assert S.main(["--scan", str(tmp_path)]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["refused"] == {"posix.system": ["sub/bad.pt"]} and len(out["allowed"]) == 4
+    assert not (tmp_path / "M").exists()
+    (tmp_path / "sub" / "bad.pt").unlink()
+    assert S.main(["--scan", str(tmp_path)]) == 0
