@@ -44,7 +44,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

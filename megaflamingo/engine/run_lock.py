@@ -194,7 +194,7 @@ class RunLock:
         text = f"run dir {self.path.parent} is in use by {describe(rec)}"
         if flock and rec.get("host") == socket.gethostname() and rec.get("pid") and not _pid_alive(int(rec["pid"])):
             others = local_lock_holders(self.path)
-            text += (f"; that process is gone but its lock is still held"
+            text += ("; that process is gone but its lock is still held"
                      + (f" by pid(s) {', '.join(map(str, others))}" if others else "")
                      + " (a worker it started is still running: stop it first)")
         return (text + f". Two jobs on one run dir overwrite each other's checkpoints: wait for it, stop it, "

@@ -63,7 +63,8 @@ def test_a_run_that_skips_most_micro_batches_fails(tmp_path):
              "keep_last": 1, "progress_bar": False, "dist_timeout_s": 60, "max_consecutive_nonfinite": 100,
              "run_dir": str(tmp_path / "run")}
     # micro-batches 1, 2, 4, 5, 7, 8, 10 overflow: 7 of 11 skipped (64%), never 3 in a row
-    spec = {"train": train, "deepspeed": {"config": "ds_configs/zero2.json", "overrides": {"zero_optimization.stage": 0}},
+    stage0 = {"config": "ds_configs/zero2.json", "overrides": {"zero_optimization.stage": 0}}
+    spec = {"train": train, "deepspeed": stage0,
             "result": str(tmp_path / "r.json"), "nonfinite_at": [[0, i] for i in (1, 2, 4, 5, 7, 8, 10)]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1")

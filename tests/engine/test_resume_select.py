@@ -142,5 +142,6 @@ def test_checkpoint_manager_warns_about_a_deleted_marker(saved, caplog):
                                       "shards are 0644")
 def test_checkpoint_files_share_one_mode(saved):
     mgr, _ = saved
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [mgr.dir / "latest", *(mgr.dir / "step-00000002").iterdir()]}
+    files = [mgr.dir / "latest", *(mgr.dir / "step-00000002").iterdir()]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert len(set(modes.values())) == 1, modes

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflamingo.engine.run_lock import LOCK_NAME, RunLock, RunLockedError, job_id, take_run_lock
+from megaflamingo.engine.run_lock import LOCK_NAME, RunLock, RunLockedError, job_id
 
 REPO = Path(__file__).parents[2]
 
@@ -112,7 +112,7 @@ def test_an_orphan_that_inherited_the_lock_is_named(tmp_path, procs):
     a.wait()
     r, _ = second(tmp_path)
     assert r.returncode == 2
-    assert f"process is gone but its lock is still held by pid(s)" in r.stderr
+    assert "process is gone but its lock is still held by pid(s)" in r.stderr
     assert "stop it first" in r.stderr
 
 

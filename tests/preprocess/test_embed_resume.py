@@ -1,7 +1,6 @@
 """A rerun of `embed` never counts failed or damaged work as finished."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
