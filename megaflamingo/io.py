@@ -4,6 +4,10 @@ A reader (or a resumed job) must never see half a file: data goes to a temp file
 directory, is flushed to disk, then renamed over the target, and the directory entry itself is
 flushed, so after a power loss the path holds either the old or the new content. Finished files get
 the permissions the user's umask gives (``mkstemp``'s 0600 would hide run records from colleagues).
+
+Also here, because every layer needs them and this module depends on nothing: the CRC-32 of a file
+(checkpoint and dataset-shard integrity records) and the one check that a path from a manifest or a
+config stays inside its root, also through symlinks.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -66,3 +71,66 @@ def atomic_write_json(path: PathLike, obj: Any, sort_keys: bool = True) -> None:
     """JSON with a trailing newline; sorted keys by default so reruns write identical bytes."""
     text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
     atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------- checksums
+
+_CRC_CHUNK = 8 << 20
+
+
+def crc32_file(path: PathLike) -> tuple[int, str]:
+    """``(size, CRC-32 as 8 hex digits)`` of a file, read in 8 MB chunks (zlib releases the GIL, so
+    several files hash in parallel threads). CRC-32 is for accidents (bit rot, truncation, torn
+    writes), not for attackers: nothing that executes code is ever loaded from a file we only hash."""
+    crc, size = 0, 0
+    buf = bytearray(_CRC_CHUNK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            crc = zlib.crc32(mv[:n], crc)
+            size += n
+    return size, f"{crc & 0xFFFFFFFF:08x}"
+
+
+# --------------------------------------------------------------------------------------- data-root paths
+
+
+class PathEscapeError(ValueError):
+    """A path leaves the root it must stay in. ``reason``: absolute | parent | symlink | empty."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def path_inside(root: PathLike, rel: PathLike, allow_outside: bool = False) -> Path:
+    """``root/rel`` (normalised), refused with :class:`PathEscapeError` when it leaves ``root``: an
+    absolute path, a ``..`` escape, or a symlink on the way whose target lies outside the root (real
+    paths of both are compared, so the root itself may be a symlink, and links between places inside
+    the root are fine). ``allow_outside`` is the user's explicit opt-in (``--allow-outside-root`` /
+    ``data.allow_outside_root``): then anything goes."""
+    rel = os.fspath(rel)
+    if not rel:
+        raise PathEscapeError("empty path", "empty")
+    lexical_root = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(lexical_root, rel))
+    if allow_outside:
+        return Path(full)
+    if os.path.isabs(rel):
+        raise PathEscapeError(f"absolute path {rel!r} (paths are relative to {lexical_root})", "absolute")
+    if not _under(full, lexical_root):
+        raise PathEscapeError(f"{rel!r} escapes {lexical_root}", "parent")
+    real = os.path.realpath(full)
+    if not _under(real, os.path.realpath(lexical_root)):
+        raise PathEscapeError(f"{rel!r} leads outside {lexical_root} through a symlink (to {real})", "symlink")
+    return Path(full)

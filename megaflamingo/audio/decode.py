@@ -23,6 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from megaflamingo.io import PathEscapeError, path_inside
+
 AF1_MIN_FILE_BYTES = 16000  # AF1's manifest scripts drop files smaller than this
 
 
@@ -36,20 +38,15 @@ class AudioError(Exception):
 
 
 def resolve_in_root(data_root: str | os.PathLike, rel: str, allow_outside: bool = False) -> Path:
-    """Join `rel` under `data_root`, refusing absolute paths and `..` escapes (lexically, so
-    symlinked dataset folders inside the root keep working). ``allow_outside`` is the user's
-    explicit opt-in (``--allow-outside-root``) for manifests that point elsewhere on purpose."""
+    """Join `rel` under `data_root`, refusing absolute paths, `..` escapes and symlinks whose target
+    lies outside the root (links between places inside the root are fine). ``allow_outside`` is the
+    user's explicit opt-in (``--allow-outside-root``) for manifests that point elsewhere on purpose."""
     if not isinstance(rel, str) or not rel:
         raise AudioError("bad_path", f"empty or non-string path {rel!r}")
-    root = os.path.normpath(os.path.abspath(data_root))
-    if allow_outside:
-        return Path(os.path.normpath(os.path.join(root, rel)))
-    if os.path.isabs(rel):
-        raise AudioError("outside_data_root", f"absolute path {rel!r}")
-    full = os.path.normpath(os.path.join(root, rel))
-    if full != root and not full.startswith(root + os.sep):
-        raise AudioError("outside_data_root", f"{rel!r} escapes {root}")
-    return Path(full)
+    try:
+        return path_inside(data_root, rel, allow_outside)
+    except PathEscapeError as e:
+        raise AudioError("outside_data_root", str(e)) from None
 
 
 @dataclass

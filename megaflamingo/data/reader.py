@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from megaflamingo.data import arrow_format as af
+from megaflamingo.io import PathEscapeError, path_inside
 
 
 class DataError(ValueError):
@@ -50,14 +51,14 @@ class BlendName:
 
 
 def inside_root(data_root: str | Path, rel: str | Path, allow_outside: bool, what: str) -> Path:
-    """``data_root/rel``, refused when it leaves the root (absolute or ``..``), unless the user set
-    ``data.allow_outside_root``. Checked lexically so datasets symlinked into the root still work."""
-    root = os.path.normpath(os.path.abspath(data_root))
-    full = os.path.normpath(os.path.join(root, rel))
-    if not allow_outside and full != root and not full.startswith(root + os.sep):
-        raise DataError(f"{what} {full} is outside data.data_root {root} "
-                        "(set data.allow_outside_root: true to allow it)")
-    return Path(full)
+    """``data_root/rel``, refused when it leaves the root (absolute, ``..``, or a symlink whose target
+    lies outside the root), unless the user set ``data.allow_outside_root``. Symlinks that stay inside
+    the root are fine."""
+    try:
+        return path_inside(data_root, rel, allow_outside)
+    except PathEscapeError as e:
+        raise DataError(f"{what} {os.path.normpath(os.path.join(os.path.abspath(data_root), rel))} is outside "
+                        f"data.data_root ({e}; set data.allow_outside_root: true to allow it)") from None
 
 
 def parse_blend_name(name: str) -> BlendName:
@@ -256,7 +257,8 @@ class KnnManifest:
         self.values = nb.values.to_numpy(zero_copy_only=False).astype(np.int64)
         self.split = split
         if data_root is not None:
-            inside_root(data_root, split.directory / train_rel, False, what=f"{self.path}: its train split")
+            rel = os.path.relpath(os.path.abspath(split.directory / train_rel), os.path.abspath(data_root))
+            inside_root(data_root, rel, False, what=f"{self.path}: its train split")
         self.train_dir = (split.directory / train_rel).resolve()
         cache = datasets if datasets is not None else {}
         cache.setdefault(str(split.directory.resolve()), split)
