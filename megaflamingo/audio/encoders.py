@@ -221,10 +221,13 @@ def _load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"checkpoint {path} does not exist")
+    from megaflamingo.checkpoint.integrity import CheckpointError
+    from megaflamingo.checkpoint.safe_load import restricted_load
+
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EncoderError(f"{path}: cannot load with weights_only=True ({e})") from e
+        sd = restricted_load(path)
+    except CheckpointError as e:  # names the file and, for a refused pickle, the global it needs
+        raise EncoderError(str(e)) from None
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -13,7 +13,8 @@ from typing import Sequence, Union
 
 import torch
 
-from .integrity import CheckpointError, check_tensor_dict, torch_load, verify_file
+from .integrity import CheckpointError, check_tensor_dict, verify_file
+from .safe_load import torch_load
 from .source import TensorSource, concat_sources, from_state_dict
 
 PART_RE = re.compile(r"^(?P<name>.+)_part(?P<n>\d+)\.(?:pt|pth|bin)$")

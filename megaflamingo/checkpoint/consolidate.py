@@ -25,7 +25,8 @@ from typing import Optional, Union
 
 import torch
 
-from .integrity import CheckpointError, torch_load
+from .integrity import CheckpointError
+from .safe_load import torch_load
 from .source import TensorRef, TensorSource, madvise_dontneed
 from .split import write_sharded
 
@@ -79,7 +80,7 @@ def _load_model_states(files: list[Path], trust: bool):
 
     states, module_keys = [], None
     for f in files:
-        sd = torch_load(f, trust=trust, allow_deepspeed=True)
+        sd = torch_load(f, trust=trust)
         if hasattr(z, "_raise_if_autoep_zero3_partitioned_state"):
             z._raise_if_autoep_zero3_partitioned_state(sd)
         if not isinstance(sd, dict) or C.BUFFER_NAMES not in sd:
@@ -101,7 +102,7 @@ def _load_optim_states(files: list[Path], tag_dir: Path, trust: bool):
 
     sds = []
     for f in files:
-        sd = torch_load(f, trust=trust, allow_deepspeed=True)
+        sd = torch_load(f, trust=trust)
         osd = sd.get(C.OPTIMIZER_STATE_DICT) if isinstance(sd, dict) else None
         if not isinstance(osd, dict) or C.ZERO_STAGE not in osd:
             raise CheckpointError(f"{f}: not a ZeRO optimizer-states file")

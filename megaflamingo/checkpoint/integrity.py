@@ -1,10 +1,9 @@
-"""Safe file handling for checkpoints: hashed atomic writes, sha256, size parsing and restricted torch loads.
+"""Safe file handling for checkpoints: hashed atomic writes, sha256, size parsing, content checks.
 
 Every write goes through :func:`megaflamingo.io.atomic_path` (a temporary file in the destination
 directory, renamed into place once complete and fsynced), so a crash never leaves a half-written part
-under its final name. Every torch
-load uses ``weights_only=True``; files that need arbitrary pickled objects are refused unless the user
-explicitly trusts them.
+under its final name. Loading torch files is :mod:`megaflamingo.checkpoint.safe_load`'s job (the one
+restricted loader).
 """
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import contextlib
 import hashlib
 import os
 import re
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -148,67 +145,7 @@ def atomic_open(path: PathLike) -> Iterator[HashingWriter]:
             f.flush()
 
 
-# ----------------------------------------------------------------------------------------------- torch loads
-
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed's own plain data classes that appear in its checkpoint metadata (not arbitrary code)."""
-    out = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except Exception:  # deepspeed missing or reorganised: those files then need --trust-file
-        pass
-    return out
-
-
-def torch_load(path: PathLike, trust: bool = False, mmap: bool = True, allow_deepspeed: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` (memory-mapped where the file format allows it).
-
-    A file that needs other pickled objects is refused with a CheckpointError naming it, unless ``trust``
-    is set (then ``weights_only=False`` with a warning). Truncated / corrupted archives -> CheckpointError."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"missing checkpoint file: {p}")
-    if p.stat().st_size == 0:
-        raise CheckpointError(f"{p}: empty file (truncated download or interrupted write?)")
-    if not zipfile.is_zipfile(p):
-        mmap = False  # legacy (pre-1.6) torch format cannot be memory-mapped
-    try:
-        if trust:
-            warnings.warn(f"loading {p} with weights_only=False (--trust-file): it can run arbitrary code",
-                          stacklevel=2)
-            return torch.load(p, map_location="cpu", weights_only=False, mmap=mmap)
-        if allow_deepspeed:
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle_errors() as e:
-        raise CheckpointError(
-            f"{p}: refused to load: it contains objects other than tensors/containers ({_first_line(e)}). "
-            "If you trust this file, pass --trust-file (loads with weights_only=False).") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{p}: cannot read the torch file (truncated or corrupted?): {_first_line(e)}") from e
-
-
-def pickle_errors() -> tuple:
-    import pickle
-
-    return (pickle.UnpicklingError,)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    for line in s:
-        if "Unsupported global" in line:
-            return line.strip().split(" was not")[0].replace("WeightsUnpickler error: ", "")[:300]
-    for line in s:
-        if line.strip() and "Weights only load failed" not in line:
-            return line.strip()[:300]
-    return type(e).__name__
-
+# ----------------------------------------------------------------------------------------------- contents
 
 def check_tensor_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     """A plain ``{str: Tensor}`` mapping or a CheckpointError naming ``source`` and the offending key."""

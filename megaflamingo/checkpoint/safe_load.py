@@ -35,11 +35,13 @@ hooks close them:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import re
 import sys
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -49,6 +51,8 @@ import torch
 from .integrity import CheckpointError
 
 PathLike = Union[str, os.PathLike]
+
+log = logging.getLogger("megaflamingo.checkpoint")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _ORIGINAL_LOAD = torch.serialization.load  # captured once: the guard replaces torch.load
@@ -184,6 +188,26 @@ def restricted_load(path: PathLike, map_location: Any = "cpu", mmap: bool = Fals
                 f"{p}: refused to load: it needs {refused}, which is not a tensor, a container or one of "
                 f"DeepSpeed's allow-listed data classes (unpickling it could run code)", str(p), refused) from None
         raise UnsafeCheckpointError(f"{p}: refused to load: {_reason(e)}", str(p), None) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise CorruptCheckpointError(f"{p}: cannot read the torch checkpoint (truncated or corrupted?): "
+                                     f"{_reason(e)}", str(p)) from None
+
+
+def torch_load(path: PathLike, trust: bool = False, mmap: bool = True) -> Any:
+    """The checkpoint tools' load: :func:`restricted_load`, memory-mapped where the format allows it.
+
+    ``trust`` exists for the converters' ``--trust-file`` only (a file the user vouches for that holds
+    other objects, e.g. an old optimizer); it loads with ``weights_only=False`` after a loud warning. The
+    training path never passes it."""
+    if not trust:
+        return restricted_load(path, mmap=mmap)
+    p = Path(path)
+    kind = _kind(p)
+    msg = f"loading {p} with weights_only=False (--trust-file): unpickling it can run arbitrary code"
+    log.warning("%s", msg)
+    warnings.warn(msg, stacklevel=2)
+    try:
+        return _ORIGINAL_LOAD(str(p), map_location="cpu", weights_only=False, mmap=bool(mmap) and kind == "zip")
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise CorruptCheckpointError(f"{p}: cannot read the torch checkpoint (truncated or corrupted?): "
                                      f"{_reason(e)}", str(p)) from None

@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .integrity import CheckpointError, check_tensor_dict, torch_load
+from .integrity import CheckpointError, check_tensor_dict
+from .safe_load import torch_load
 
 # safetensors dtype names (the format's spec) <-> torch dtypes
 ST_DTYPES = {

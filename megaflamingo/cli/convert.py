@@ -132,13 +132,17 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megaflamingo.checkpoint.integrity import CheckpointError
+    from megaflamingo.checkpoint.safe_load import UnsafeCheckpointError
     from megaflamingo.config import ConfigError
 
     try:
         result = run(args)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         # bad input: one clear line, no traceback
-        print(f"megaflamingo-convert {args.cmd}: error: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, UnsafeCheckpointError) and not getattr(args, "trust_file", False):
+            hint = " If you trust this file, pass --trust-file (loads with weights_only=False: it can run code)."
+        print(f"megaflamingo-convert {args.cmd}: error: {e}{hint}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))
     return 0

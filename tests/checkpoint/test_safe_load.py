@@ -181,16 +181,49 @@ def test_restricted_engine_delegates_saving(tmp_path):
     assert not (tmp_path / "M").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the converters' torch_load reports random bytes as an untrusted pickle "
-                                      "('pass --trust-file') instead of 'not a checkpoint'")
-def test_converter_loader_says_random_bytes_are_not_a_checkpoint(tmp_path):
-    from megaflamingo.checkpoint.integrity import torch_load
+class NotATensor:
+    def __init__(self):
+        self.payload = "arbitrary object"
+
+
+def test_converter_load_refuses_pickled_objects_unless_trusted(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(2)}, "extra": NotATensor()}, p)
+    with pytest.raises(S.UnsafeCheckpointError, match=r"evil\.pt: refused to load: it needs .*NotATensor"):
+        S.torch_load(p)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        obj = S.torch_load(p, trust=True)
+    assert isinstance(obj["extra"], NotATensor)
+
+
+def test_converter_load_truncated_empty_missing(tmp_path):
+    p = tmp_path / "w.pt"
+    torch.save({"w": torch.randn(1000)}, p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(S.CorruptCheckpointError, match=r"w\.pt: truncated"):
+        S.torch_load(p)
+    p.write_bytes(b"")
+    with pytest.raises(S.CorruptCheckpointError, match=r"w\.pt: empty file"):
+        S.torch_load(p, trust=True)  # trusting a file does not make an empty one loadable
+    with pytest.raises(CheckpointError, match="missing checkpoint file"):
+        S.torch_load(tmp_path / "nope.pt")
+
+
+def test_random_bytes_are_not_a_checkpoint_from_the_convert_cli(tmp_path, capsys):
+    """The tool says what the file is, not "pass --trust-file" (trusting random bytes cannot help);
+    a refused pickle gets the hint, since --trust-file exists there."""
+    from megaflamingo.cli.convert import main
 
     f = tmp_path / "model.pt"
     f.write_bytes(random.Random(0).randbytes(4096))
-    with pytest.raises(CheckpointError) as e:
-        torch_load(f)
-    assert "not a PyTorch checkpoint" in str(e.value) and "trust" not in str(e.value)
+    assert main(["split", str(f), str(tmp_path / "out"), "--max-size", "1MB", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt: not a PyTorch checkpoint" in err and "trust" not in err and err.count("\n") == 1
+    torch.save({"w": torch.ones(2), "extra": NotATensor()}, f)
+    assert main(["split", str(f), str(tmp_path / "out"), "--max-size", "1MB", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt: refused to load" in err and "NotATensor" in err and "--trust-file" in err
 
 
 def test_scan_lists_refused_globals_per_file(tmp_path, capsys):

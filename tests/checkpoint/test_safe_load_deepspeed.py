@@ -100,20 +100,15 @@ def test_zero_to_fp32_through_the_guard(zero_run, tmp_path):
         assert not (tmp_path / "MARKER").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.init_from reads a DeepSpeed dir with DeepSpeed's unrestricted "
-                                      "get_fp32_state_dict_from_zero_checkpoint (fixed by routing it through "
-                                      "safe_load)")
 def test_init_from_a_deepspeed_dir_never_runs_a_planted_pickle(zero_run, tmp_path):
-    from megaflamingo.engine.build import _read_state_dict
+    from megaflamingo.engine.build import _read_init_weights
 
     bad = tmp_path / "ckpt"
     shutil.copytree(zero_run / "zero2" / "ckpt", bad)
     for f in (bad / "step3").glob("*optim_states.pt"):
         plant(f, tmp_path / "MARKER")
-    try:
-        _read_state_dict(bad / "step3")
-    except Exception:  # noqa: BLE001 - a refusal is the fixed behaviour; only the marker matters here
-        pass
+    with pytest.raises(ValueError, match=r"train.init_from=.*optim_states.pt: refused to load: it needs posix.system"):
+        _read_init_weights(torch.nn.Linear(1, 1), str(bad / "step3"))
     assert not (tmp_path / "MARKER").exists()
 
 
