@@ -1,34 +1,37 @@
-"""Integrity record of a checkpoint tag: every file with its size and CRC-32, and the verifier that names
-the first file that is missing, extra, cut or changed.
+"""A checkpoint tag's completion marker and integrity record: every file with its size and CRC-32, and
+the verifier that names the first file that is missing, extra, cut, changed or unsafe to unpickle.
 
-The completion marker of a tag stores :func:`manifest` of the files every rank wrote; resume and every
-converter call :func:`verify_tag` before reading a byte of them. This is protection against accidents
-(bit rot, a truncated copy, a torn write on a network filesystem, a second job writing into the same tag),
-not against an attacker who can rewrite the marker too: code execution is prevented by the restricted
-loader, whatever the files contain.
+The trainer's completion marker (``<tag>/megaflamingo.json``, written last) stores :func:`manifest` of the
+files every rank wrote; resume and every converter call :func:`verify_marker_record` before reading a byte
+of them. The CRC protects against accidents (bit rot, a truncated copy, a torn write on a network
+filesystem, a second job writing into the same tag), not against an attacker who can rewrite the marker
+too: code execution is prevented by the restricted loader whatever the files contain, and the static
+pickle scan here refuses such a file up front, on the rank that owns it, before any rank starts loading.
 
 Why CRC-32 (``zlib.crc32``): it is in the standard library, detects every error burst up to 32 bits and
 misses random corruption with probability 2^-32 per file, and releases the GIL, so the files of a tag are
-hashed in parallel threads (one rank's files on a multi-core node) at several GB/s; a verification pass
-costs about one cold read of the files, which the load that follows gets back from the page cache
-(``bench/bench_checkpoint_verify.py``). ``algorithm`` is recorded so a faster one can be added later.
+hashed in parallel threads at about 1 GB/s per core; a verification pass costs about one cold read of the
+files, which the load that follows gets back from the page cache (``bench/bench_checkpoint_verify.py``).
+``algorithm`` is recorded so a faster one can be added later.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
+from megaflamingo.io import crc32_file
+
 from .integrity import CheckpointError
 
 PathLike = Union[str, os.PathLike]
+MARKER = "megaflamingo.json"
 ALGORITHM = "crc32"
 FORMAT = 1
-_CHUNK = 8 << 20
 
 # Which rank wrote a file of a tag: DeepSpeed names its shards ``..._pp_rank_<R>_...`` (data-parallel rank ==
 # global rank without model parallelism), ours ``megaflamingo_rank<R>.pt``; anything else is rank 0's.
@@ -40,9 +43,15 @@ def file_owner(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def owned_by(rank: int, world_size: int) -> Callable[[str], bool]:
+    """Split a tag's files over the ranks that verify it: each file once, a writer's own files on the
+    rank of the same number (the node that wrote them, when the world did not change)."""
+    return lambda name: file_owner(name) % max(1, world_size) == rank
+
+
 class TagVerificationError(CheckpointError):
-    """A tag's files disagree with its manifest. ``path`` is the first offending file, ``problem`` one of
-    missing | extra | size | checksum | unreadable | no-manifest."""
+    """A tag's files disagree with its record. ``path`` is the first offending file, ``problem`` one of
+    missing | extra | size | checksum | unreadable | no-manifest | no-marker | unsafe."""
 
     def __init__(self, message: str, path: Optional[str] = None, problem: Optional[str] = None):
         super().__init__(message)
@@ -62,45 +71,14 @@ class FileRecord:
 
 
 def checksum_file(path: PathLike) -> FileRecord:
-    """Size and CRC-32 of one file (read in 8 MB chunks; zlib releases the GIL while it hashes)."""
-    crc, size = 0, 0
-    buf = bytearray(_CHUNK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(mv[:n], crc)
-            size += n
-    return FileRecord(size, f"{crc & 0xFFFFFFFF:08x}")
-
-
-class ChecksumWriter:
-    """Binary file wrapper that computes the size and CRC-32 of what is written through it: a rank can
-    record its shard while writing it (``torch.save(obj, ChecksumWriter(f))``) instead of re-reading it."""
-
-    def __init__(self, f):
-        self.f, self.crc, self.size = f, 0, 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        n = self.f.write(data)
-        self.size += len(memoryview(data).cast("B"))
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def record(self) -> FileRecord:
-        return FileRecord(self.size, f"{self.crc & 0xFFFFFFFF:08x}")
+    return FileRecord(*crc32_file(path))
 
 
 def _threads(n_files: int, threads: Optional[int]) -> int:
     return max(1, min(n_files, threads or min(8, os.cpu_count() or 1)))
 
 
-def tag_files(tag_dir: PathLike, exclude: Iterable[str] = ()) -> list[str]:
+def tag_files(tag_dir: PathLike, exclude: Iterable[str] = (MARKER,)) -> list[str]:
     """Every regular file under ``tag_dir`` (relative POSIX paths, sorted), less ``exclude`` names."""
     d = Path(tag_dir)
     skip = set(exclude)
@@ -108,7 +86,7 @@ def tag_files(tag_dir: PathLike, exclude: Iterable[str] = ()) -> list[str]:
 
 
 def record_files(tag_dir: PathLike, files: Optional[Iterable[str]] = None, threads: Optional[int] = None,
-                 exclude: Iterable[str] = ()) -> dict[str, dict]:
+                 exclude: Iterable[str] = (MARKER,)) -> dict[str, dict]:
     """``{relative path: {"size", "crc32"}}`` for ``files`` (default: all of :func:`tag_files`)."""
     d = Path(tag_dir)
     names = sorted(files) if files is not None else tag_files(d, exclude)
@@ -124,16 +102,16 @@ def manifest(records: dict[str, dict]) -> dict:
 
 @dataclass
 class VerifyReport:
-    files: int
+    files: int   # files checksummed here
     bytes: int
 
 
 def verify_tag(tag_dir: PathLike, man: Optional[dict], only: Optional[Callable[[str], bool]] = None,
-               threads: Optional[int] = None, exclude: Iterable[str] = ()) -> VerifyReport:
-    """Check ``tag_dir`` against ``man`` (a :func:`manifest`); raise TagVerificationError naming the first bad
-    file. Cheap checks come first for all files (missing, size, extra), then checksums in parallel;
-    "first" is in sorted path order. ``only`` restricts the check to some files (e.g. one rank's, see
-    :func:`file_owner`); extra files are looked for only when ``only`` is None."""
+               threads: Optional[int] = None, exclude: Iterable[str] = (MARKER,)) -> VerifyReport:
+    """Check ``tag_dir`` against ``man`` (a :func:`manifest`); raise TagVerificationError naming the first
+    bad file. Cheap checks first, for every file (missing, size, then files not in the record), then the
+    checksums of the files ``only`` selects (default all; e.g. one rank's share, :func:`owned_by`) in
+    parallel; "first" is in sorted path order."""
     d = Path(tag_dir)
     if not man or "files" not in man:
         raise TagVerificationError(f"{d}: no integrity record (written by an older version, or not by us)",
@@ -142,8 +120,7 @@ def verify_tag(tag_dir: PathLike, man: Optional[dict], only: Optional[Callable[[
         raise TagVerificationError(f"{d}: integrity record uses {man.get('algorithm')!r}, this version knows "
                                    f"{ALGORITHM!r}", str(d), "no-manifest")
     files: dict = man["files"]
-    mine = sorted(n for n in files if only is None or only(n))
-    for n in mine:
+    for n in sorted(files):
         p = d / n
         try:
             size = p.stat().st_size
@@ -154,12 +131,12 @@ def verify_tag(tag_dir: PathLike, man: Optional[dict], only: Optional[Callable[[
             kind = "truncated" if size < files[n]["size"] else "larger than recorded"
             raise TagVerificationError(f"{p}: {kind} ({size} bytes on disk, {files[n]['size']} recorded)", str(p),
                                        "size")
-    if only is None:
-        extra = sorted(set(tag_files(d, exclude)) - set(files))
-        if extra:
-            p = d / extra[0]
-            raise TagVerificationError(f"{p}: not in the checkpoint's integrity record ({len(extra)} extra "
-                                       "file(s); another job or a later save wrote into this tag?)", str(p), "extra")
+    extra = sorted(set(tag_files(d, exclude)) - set(files))
+    if extra:
+        p = d / extra[0]
+        raise TagVerificationError(f"{p}: not in the checkpoint's integrity record ({len(extra)} extra "
+                                   "file(s); another job or a later save wrote into this tag?)", str(p), "extra")
+    mine = sorted(n for n in files if only is None or only(n))
 
     def check(n: str) -> Optional[TagVerificationError]:
         p = d / n
@@ -180,3 +157,61 @@ def verify_tag(tag_dir: PathLike, man: Optional[dict], only: Optional[Callable[[
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error, do not hash the rest
     return VerifyReport(len(mine), sum(int(files[n]["size"]) for n in mine))
+
+
+# ------------------------------------------------------------------------------------------ the marker
+
+
+def read_marker(tag_dir: PathLike) -> dict:
+    """The completion marker of ``tag_dir``; TagVerificationError when it is absent or unreadable."""
+    d = Path(tag_dir)
+    try:
+        meta = json.loads((d / MARKER).read_text())
+    except FileNotFoundError:
+        raise TagVerificationError(f"{d}: no completion marker {MARKER} (an interrupted save, or the marker "
+                                   "was deleted)", str(d / MARKER), "no-marker") from None
+    except (OSError, ValueError) as e:
+        raise TagVerificationError(f"{d / MARKER}: unreadable completion marker ({e})", str(d / MARKER),
+                                   "no-marker") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise TagVerificationError(f"{d / MARKER}: not a completion marker (no 'step')", str(d / MARKER), "no-marker")
+    return meta
+
+
+def scan_pickles(tag_dir: PathLike, only: Optional[Callable[[str], bool]] = None) -> int:
+    """Statically scan the torch files of ``tag_dir`` (``only`` selects a share) for globals the restricted
+    loader would refuse; raise TagVerificationError (problem ``unsafe``) naming the first. Nothing is
+    unpickled. Run before a multi-rank load so every rank refuses together instead of one rank failing
+    inside DeepSpeed's load while the others wait for it in a collective."""
+    from .safe_load import unsafe_globals
+
+    d = Path(tag_dir)
+    names = [n for n in tag_files(d) if n.endswith((".pt", ".pth", ".bin")) and (only is None or only(n))]
+    for n in names:
+        try:
+            bad = unsafe_globals(d / n)
+        except Exception as e:  # noqa: BLE001 - an unreadable archive is reported, never loaded
+            raise TagVerificationError(f"{d / n}: cannot read the torch checkpoint (truncated or corrupted?): "
+                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", str(d / n),
+                                       "unreadable") from None
+        if bad:
+            raise TagVerificationError(f"{d / n}: refused to load: it needs {bad[0]}, which is not a tensor, a "
+                                       "container or one of DeepSpeed's allow-listed data classes (unpickling it "
+                                       "could run code)", str(d / n), "unsafe")
+    return len(names)
+
+
+def verify_marker_record(tag_dir: PathLike, meta: dict, only: Optional[Callable[[str], bool]] = None,
+                         sizes_only: bool = False) -> Optional[str]:
+    """Verify a trainer tag against its marker's record (``sizes_only``: presence and sizes, no checksums,
+    no scan: the cheap pre-flight). Returns a note for a tag written before records existed (still
+    usable, unverified), else None; raises TagVerificationError."""
+    record = meta.get("integrity")
+    note = None
+    if record is None:
+        note = f"{Path(tag_dir).name} has no integrity record (written by an older version): its files are not verified"
+    else:
+        verify_tag(tag_dir, record, only=(lambda n: False) if sizes_only else only)
+    if not sizes_only:
+        scan_pickles(tag_dir, only)
+    return note

@@ -16,6 +16,7 @@ from megaflamingo.tokens import IGNORE_INDEX, SpecialTokens
 
 from .labels import build_labels
 from .reader import DataError
+from .row_check import BAD_ROW
 
 
 class Collator:
@@ -23,7 +24,8 @@ class Collator:
 
     Output: ``input_ids`` [B, T] long (pad id on the right), ``attention_mask`` [B, T] long,
     ``labels`` [B, T] (AF1 masking on the padded batch), ``audio_embeds`` [B, L, D] float32,
-    ``audio_mask`` [B, L] bool, ``dataset`` list[str], ``num_skipped`` int.
+    ``audio_mask`` [B, L] bool, ``dataset`` list[str], ``num_skipped`` int, ``bad_rows`` (the
+    ``row_check.BadRow`` of each sample whose audio failed the check: dropped, reported).
 
     A sample with no supervised token left (its text was cut before the answer by ``max_tokens``)
     is dropped and counted in ``num_skipped`` instead of contributing a row of -100 (a batch of
@@ -40,7 +42,8 @@ class Collator:
 
     def __call__(self, samples: Sequence[Mapping]) -> dict:
         skipped = sum(1 for s in samples if s is None)
-        samples = [s for s in samples if s is not None]
+        bad = [s[BAD_ROW] for s in samples if s is not None and BAD_ROW in s]  # rows that failed the check
+        samples = [s for s in samples if s is not None and BAD_ROW not in s]
         batch = self._collate(samples)
         if self.skip_unsupervised and len(samples):
             ok = (batch["labels"] != IGNORE_INDEX).any(dim=1)
@@ -49,6 +52,7 @@ class Collator:
                 skipped += len(samples) - len(keep)
                 batch = self._collate([samples[i] for i in keep])
         batch["num_skipped"] = skipped
+        batch["bad_rows"] = bad
         return batch
 
     def _collate(self, samples: Sequence[Mapping]) -> dict:

@@ -24,7 +24,9 @@ from megaflamingo.tokens import SpecialTokens
 
 from .blending import EpochPlan, pass_permutation, plan_epoch
 from .collate import Collator
+from .loader_rng import loader_generator
 from .reader import DataError
+from .row_check import BAD_ROW, RowTally, bad_row
 from .sampling import af1_distributed_indices, chunk, length_grouped_batches
 from .sources import Source
 from .templates import TemplateRegistry
@@ -114,6 +116,9 @@ class _SampleBuilder:
 
     def build(self, src: Source, j: int, split: str, augmentations, prefix_prob, rng) -> dict:
         item = src.item(j)
+        bad = bad_row(src, j, item)
+        if bad is not None:
+            return {BAD_ROW: bad}  # the collator drops it and reports it
         text = build_parts(item, self.special, self.registry, flamingo_task=src.flamingo_task, split=split,
                           augmentations=augmentations, prefix_prob=prefix_prob, rng=rng)
         ids = self.encoder(text, self.max_tokens)
@@ -182,6 +187,7 @@ class TrainLoader:
         self.epoch = int(epoch)
         self.batch_in_epoch = 0
         self.skipped = 0
+        self.rows = RowTally("train")
         self._batches_cache: tuple[int, list] | None = None
 
     # -- plan
@@ -221,11 +227,15 @@ class TrainLoader:
         start = self.batch_in_epoch
         keys = [[(epoch, int(p)) for p in b] for b in batches[start:]]
         if keys:
+            # Its own generator: without one, creating the iterator draws from the global RNG that the
+            # trainer restored on resume, and every later dropout mask would shift.
             loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collator,
                                 num_workers=self.num_workers, worker_init_fn=_worker_init if self.num_workers else None,
-                                persistent_workers=False, pin_memory=_PIN)
+                                persistent_workers=False, pin_memory=_PIN,
+                                generator=loader_generator(self.seed, epoch, start, self.rank))
             for batch in loader:
                 self.batch_in_epoch += 1
+                self.rows.take(batch)
                 n_skip = int(batch.pop("num_skipped", 0))
                 self.skipped += n_skip
                 if batch["input_ids"].shape[0] == 0:
@@ -242,7 +252,8 @@ class TrainLoader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "skipped": self.skipped, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
                 "batch_size": self.batch_size, "group_by_length": self.group_by_length,
-                "af1_exact_blend": self.dataset.af1_exact_blend, "blend": self._signature()}
+                "af1_exact_blend": self.dataset.af1_exact_blend, "blend": self._signature(),
+                "rows": self.rows.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -259,6 +270,7 @@ class TrainLoader:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.skipped = int(state.get("skipped", 0))
+        self.rows.load_state_dict(state.get("rows"))
 
 
 def build_train_loader(data_cfg, tokenizer, token_ids: SpecialTokens, rank: int = 0, world_size: int = 1,
@@ -320,6 +332,7 @@ class ValidLoader:
         self.name, self.dataset, self.indices = name, dataset, indices
         self.collator, self.batch_size, self.num_workers = collator, batch_size, num_workers
         self.skipped = 0
+        self.rows = RowTally(f"validation {name}")
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -331,6 +344,7 @@ class ValidLoader:
         loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collator, num_workers=self.num_workers,
                             worker_init_fn=_worker_init if self.num_workers else None, pin_memory=_PIN)
         for batch in loader:
+            self.rows.take(batch)
             self.skipped += int(batch.pop("num_skipped", 0))
             if batch["input_ids"].shape[0]:
                 yield batch

@@ -6,8 +6,7 @@ from torch.utils.data import DataLoader
 from megaflamingo.config import DataConfig, DatasetEntry, ModelConfig
 from megaflamingo.data import build_train_loader
 from megaflamingo.data.loader_rng import loader_generator
-
-from data_fixtures import D, W, make_split
+from tests.data.data_fixtures import D, W, make_split
 
 MODEL = ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=1)
 
@@ -39,8 +38,6 @@ def test_loader_generator_is_a_function_of_the_loader_state():
     assert len({tuple(draw(g)) for g in others} | {tuple(draw(loader_generator(7, 1, 5, 0)))}) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="TrainLoader.__iter__ builds its DataLoader without a generator, so "
-                                      "each iteration consumes a draw of the global torch RNG")
 def test_iterating_the_train_loader_leaves_the_global_rng_alone(loader):
     torch.manual_seed(123)
     before = torch.get_rng_state()
