@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -27,9 +28,11 @@ import torch
 
 from .integrity import CheckpointError
 from .safe_load import torch_load
+from .tag_manifest import verify_saved_tag
 from .source import TensorRef, TensorSource, madvise_dontneed
 from .split import write_sharded
 
+log = logging.getLogger("megaflamingo.checkpoint")
 PathLike = Union[str, os.PathLike]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,11 +124,17 @@ def _load_optim_states(files: list[Path], tag_dir: Path, trust: bool):
 
 
 def zero_source(ckpt_dir: PathLike, tag: Optional[str] = None, exclude_frozen: bool = False,
-                dtype: Optional[str] = "fp32", trust: bool = False) -> TensorSource:
-    """A lazy consolidated state dict of a ZeRO checkpoint (see the module docstring)."""
+                dtype: Optional[str] = "fp32", trust: bool = False, verify: bool = True) -> TensorSource:
+    """A lazy consolidated state dict of a ZeRO checkpoint (see the module docstring). ``verify``: a tag
+    written by the trainer is checked against its integrity record first (every file's size and CRC-32,
+    and a scan for refused pickles); one without a record is read with a warning."""
     from deepspeed.utils import zero_to_fp32 as z
 
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
+    if verify:
+        warning = verify_saved_tag(tag_dir)
+        if warning:
+            log.warning("%s", warning)
     natural = z.natural_keys
     model_files = sorted(tag_dir.glob("*_model_states.pt"), key=lambda p: natural(p.name))
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"), key=lambda p: natural(p.name))
@@ -215,9 +224,9 @@ def _zero_loader(t, dtype):
 
 def zero_to_fp32(ckpt_dir: PathLike, out_dir: PathLike, tag: Optional[str] = None, exclude_frozen: bool = False,
                  fmt: str = "safetensors", max_shard_size: Optional[int] = None, dtype: str = "fp32",
-                 trust: bool = False, progress: bool = True) -> dict:
+                 trust: bool = False, progress: bool = True, verify: bool = True) -> dict:
     """Consolidate and write ``out_dir`` (safetensors or torch parts + index, ties recorded). Returns the index."""
-    src = zero_source(ckpt_dir, tag, exclude_frozen, dtype, trust)
+    src = zero_source(ckpt_dir, tag, exclude_frozen, dtype, trust, verify)
     layout = {"safetensors": "safetensors", "torch": "torch"}.get(fmt)
     if layout is None:
         raise ValueError(f"--format must be safetensors or torch, got {fmt!r}")

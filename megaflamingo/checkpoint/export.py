@@ -105,7 +105,7 @@ def export(src_path: PathLike, out: PathLike, config: Optional[PathLike] = None,
     """A ZeRO checkpoint dir, a consolidated dir/file or another model dir -> a model dir."""
     src_path = Path(src_path)
     if is_zero_checkpoint(src_path):
-        source = zero_source(src_path, tag, exclude_frozen=trainable_only, trust=trust)
+        source = zero_source(src_path, tag, exclude_frozen=trainable_only, trust=trust, verify=verify)
     else:
         source = open_checkpoint(src_path, verify=verify, trust=trust, progress=progress)
     cfg_path = Path(config) if config else find_config(src_path)

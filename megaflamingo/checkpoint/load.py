@@ -138,7 +138,7 @@ def open_checkpoint(path: Union[PathLike, Sequence[PathLike]], verify: bool = Tr
         from .consolidate import is_zero_checkpoint, zero_source
 
         if is_zero_checkpoint(p):  # a DeepSpeed checkpoint: consolidated on the fly (fp32, frozen included)
-            return zero_source(p, trust=trust)
+            return zero_source(p, trust=trust, verify=verify)
         if af1_io.find_parts(p):
             return af1_io.open_af1(p, trust=trust, verify=verify)
         single = sorted(p.glob("*.safetensors"))

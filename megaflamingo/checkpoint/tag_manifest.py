@@ -215,3 +215,14 @@ def verify_marker_record(tag_dir: PathLike, meta: dict, only: Optional[Callable[
     if not sizes_only:
         scan_pickles(tag_dir, only)
     return note
+
+
+def verify_saved_tag(tag_dir: PathLike) -> Optional[str]:
+    """A converter's check of a DeepSpeed tag dir before reading it: a trainer tag (with our marker) must
+    verify completely (TagVerificationError naming the file); a tag without marker or without record
+    cannot be verified, which is returned as a warning (the converters log it)."""
+    d = Path(tag_dir)
+    if not (d / MARKER).is_file():
+        return (f"{d}: no completion marker {MARKER}: not written by megaflamingo-train, or an interrupted save; "
+                "its files cannot be verified")
+    return verify_marker_record(d, read_marker(d))

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow torch files with arbitrary pickled objects (weights_only=False): only for "
                              "files you trust")
         if verify:
-            sp.add_argument("--no-verify", action="store_true", help="skip the size/sha256 check of indexed parts")
+            sp.add_argument("--no-verify", action="store_true",
+                            help="skip the integrity check (size/sha256 of indexed parts, size/CRC-32 of a trainer "
+                                 "checkpoint's files)")
         sp.add_argument("--no-progress", action="store_true", help="no progress output")
 
     z = sub.add_parser("zero-to-fp32", help="consolidate a DeepSpeed ZeRO-1/2/3 checkpoint into fp32 weights")
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--format", choices=["safetensors", "torch"], default="safetensors")
     z.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     z.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
-    common(z, verify=False)
+    common(z)
 
     e = sub.add_parser("export", help="a self-contained model directory (config, tokenizer, safetensors shards)")
     e.add_argument("src", help="ZeRO checkpoint dir, consolidated dir/file, or model dir")
@@ -100,7 +102,7 @@ def run(args) -> dict:
     verify = not getattr(args, "no_verify", False)
     if args.cmd == "zero-to-fp32":
         idx = zero_to_fp32(args.ckpt_dir, args.out, args.tag, args.exclude_frozen, args.format,
-                           args.max_shard_size, args.dtype, args.trust_file, prog)
+                           args.max_shard_size, args.dtype, args.trust_file, prog, verify)
         return {"out": args.out, "files": len(idx["metadata"]["files"]), "bytes": idx["metadata"]["total_size"],
                 "tied": idx["metadata"]["tied_weights"]}
     if args.cmd == "export":

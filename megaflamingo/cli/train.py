@@ -2,9 +2,13 @@
 [--placeholder NAME=VALUE]`.
 
 Runs as one process or under deepspeed / torchrun / srun / mpirun (see ``distributed.discover_env``).
-Exit codes: 0 done; 2 bad config or data (one message, before training); 75 stopped by SIGUSR1/SIGTERM
-after saving a checkpoint, or without one when the signal came before the first step (requeue and rerun
-with ``--resume auto``); 1 anything else.
+Exit codes: 0 done; 2 bad config or data (one message, before training), a checkpoint that was refused
+or does not verify, or a run dir another job holds; 75 stopped by SIGUSR1/SIGTERM after saving a
+checkpoint, or without one when the signal came before the first step (requeue and rerun with
+``--resume auto``); 1 anything else (too much bad data: one message).
+
+From the start, a worker exits when its launcher dies (``engine.parent_watch``), and no ``torch.load``
+in the process can unpickle code (``checkpoint.safe_load``).
 """
 from __future__ import annotations
 
@@ -12,9 +16,17 @@ import argparse
 import logging
 import sys
 
+from megaflamingo.checkpoint.integrity import CheckpointError
+from megaflamingo.checkpoint.safe_load import install_guard
+from megaflamingo.checkpoint.tag_manifest import TagVerificationError
 from megaflamingo.config import ConfigError, load_config
-from megaflamingo.engine import stop
-from megaflamingo.engine.trainer import EXIT_SIGNAL
+from megaflamingo.engine import parent_watch, stop
+from megaflamingo.engine.checkpointing import ResumeError
+from megaflamingo.engine.data_health import BadDataError
+from megaflamingo.engine.run_lock import RunLockedError
+from megaflamingo.engine.trainer import EXIT_SIGNAL, NonFiniteLossError
+
+AGREED = (RunLockedError, ResumeError, TagVerificationError, BadDataError, NonFiniteLossError)
 
 
 def parse_args(argv=None):
@@ -34,9 +46,11 @@ def main(argv=None) -> int:
     # First thing: from here on SIGUSR1/SIGTERM only set a flag (the trainer honours it, even one that
     # arrived during start-up) instead of killing the process before anything could be saved.
     old_handlers = stop.install()
+    unguard = install_guard()
     try:
         return _main(argv)
     finally:
+        unguard()
         stop.restore(old_handlers)
 
 
@@ -45,6 +59,7 @@ def _main(argv=None) -> int:
     from megaflamingo.engine.distributed import discover_env
 
     world = discover_env()
+    parent_watch.install(world.launcher, world.world_size)
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format=f"[rank{world.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -66,7 +81,7 @@ def _main(argv=None) -> int:
         resolve_resume(cfg.train.resume, cfg.train.run_dir)  # a --resume that points at nothing fails here
         # JSON contradictions fail here, before any process group exists.
         build_ds_config(cfg, world.world_size, hidden_size=lm_hidden_size(cfg))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         if world.rank == 0:
             print(f"megaflamingo-train: error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +90,13 @@ def _main(argv=None) -> int:
 
     try:
         result = run(cfg, world, dry_run=args.dry_run)
+    except (RunLockedError, CheckpointError, BadDataError, NonFiniteLossError) as e:
+        # Every rank reaches the same verdict on these (one broadcast, a gathered verification, summed
+        # counts, the non-finite vote), so rank 0 says it once; a refusal on one rank only (a file that
+        # changed after verification) is said by that rank.
+        if world.rank == 0 or not isinstance(e, AGREED):
+            print(f"megaflamingo-train: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, (BadDataError, NonFiniteLossError)) else 2
     finally:
         shutdown()
     if result is not None and result.stopped_by_signal:

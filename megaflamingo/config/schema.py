@@ -94,6 +94,11 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"
     max_consecutive_nonfinite: int = 10
+    # Abort when more than this fraction of the micro-batches were skipped for a non-finite loss
+    # (judged over at least 100 of them), or of the rows were dropped as bad (NaN/inf audio; over at
+    # least 1000 rows). 1.0 disables either check.
+    max_nonfinite_fraction: float = 0.05
+    max_bad_row_fraction: float = 0.01
     # Validation: at most this many batches per validation set (None = all).
     eval_max_batches: Optional[int] = None
     # Seconds a collective may block before the job fails (a dead rank must not hang the job).

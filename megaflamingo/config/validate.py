@@ -42,6 +42,9 @@ def validate(cfg: Config) -> None:
         bad("train.weight_decay", f"must be in [0, 1), got {t.weight_decay}")
     if t.grad_clip < 0:
         bad("train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    for name in ("max_nonfinite_fraction", "max_bad_row_fraction"):
+        if not 0.0 <= getattr(t, name) <= 1.0:
+            bad(f"train.{name}", f"must be in [0, 1] (1 disables the check), got {getattr(t, name)}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         bad("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     if d.num_workers < 0:

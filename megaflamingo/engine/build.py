@@ -173,6 +173,10 @@ def preflight(cfg: Config) -> list[str]:
                                   f"{cfg.model.max_num_window} ({src})")
             if meta["num_rows"] == 0:
                 raise ConfigError(f"{field}.{name}: the split has no rows ({sd})")
+            try:  # every shard's footer and row count (memory-mapped: no rows are read)
+                af.open_shards(sd)
+            except af.FormatError as e:
+                raise ConfigError(f"{field}.{name}: {e} ({src})") from None
             dirs.append(str(sd))
     return dirs
 

@@ -395,6 +395,7 @@ def config_hash(cfg_dict: dict) -> str:
     # Run bookkeeping fields may change between a run and its resume; the recipe may not.
     d = json.loads(json.dumps(cfg_dict, default=str))
     for k in ("run_dir", "run_name", "resume", "max_steps", "logging_steps", "eval_steps", "save_steps",
-              "keep_last", "progress_bar", "init_from", "dist_timeout_s", "convert_timeout_s"):
+              "keep_last", "progress_bar", "init_from", "dist_timeout_s", "convert_timeout_s",
+              "max_nonfinite_fraction", "max_bad_row_fraction"):
         d.get("train", {}).pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -3,8 +3,8 @@
 The dead run wrote steps N+1..M to ``train_log.jsonl`` and TensorBoard before it died; the resumed run
 writes N+1.. again with other values. Two fixes:
 
-* :func:`truncate_jsonl` rewrites the JSONL keeping the records with ``step <= N`` (atomically: temp file,
-  fsync, rename), dropping a torn last line too;
+* :func:`truncate_jsonl` rewrites the JSONL keeping the records with ``step <= N`` (atomically, see
+  ``megaflamingo.io``), dropping a torn last line too;
 * TensorBoard: ``SummaryWriter(log_dir, purge_step=N + 1)`` (:func:`tensorboard_purge_step`) writes a
   ``SessionLog.START`` event at step N+1 into the new event file; TensorBoard's reader then hides every
   event with ``step >= N + 1`` from the older files. The old files are not modified.
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from megaflamingo.io import atomic_write_bytes
 
 
 def tensorboard_purge_step(resumed_step: Optional[int]) -> Optional[int]:
@@ -43,21 +44,5 @@ def truncate_jsonl(path: str | os.PathLike, keep_through_step: int, step_key: st
                 dropped += 1
     if dropped == 0:
         return 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(p, b"".join(kept))
     return dropped
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m

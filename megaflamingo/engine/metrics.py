@@ -4,7 +4,8 @@ concise log line. Only rank 0 writes; other ranks get a no-op logger.
 Tag names (tests read them back): ``train/loss``, ``train/loss/<dataset>``, ``train/lr``,
 ``train/grad_norm``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/mfu``,
 ``train/data_wait_s``, ``train/step_time_s``, ``train/peak_mem_gb``, ``train/nonfinite_skipped``,
-``valid/loss``, ``valid/loss/<dataset>``.
+``train/bad_rows``, ``valid/loss``, ``valid/loss/<dataset>``; text: ``checkpoint/resume`` (tags a resume
+passed over, and why).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def tag_safe(name: str) -> str:
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: Optional[int], start_step: int,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, purge_step: Optional[int] = None):
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -41,7 +42,9 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        # purge_step: TensorBoard hides what earlier event files logged at steps >= it (a resumed run
+        # logs those steps again).
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -53,6 +56,10 @@ class MetricsLogger:
         for k, v in values.items():
             if v is not None:
                 self.writer.add_scalar(tag_safe(k), float(v), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag_safe(tag), text, step)
 
     def progress(self, step: int, loss: float) -> None:
         if self.bar is not None:

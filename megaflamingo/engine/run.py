@@ -18,10 +18,11 @@ from megaflamingo.checkpoint.model_dir import training_encoder_record, write_enc
 from megaflamingo.io import atomic_write_text
 
 from .build import build_loaders, build_run_model, build_run_tokenizer, lm_hidden_size, load_init_weights
-from .checkpointing import resolve_resume
+from .checkpointing import resolve_resume, verify_on_all_ranks
 from .distributed import World, device_for, init_distributed
 from .ds_config import build_ds_config, zero_stage
 from .optim import count_params
+from .run_lock import take_run_lock
 from .trainer import Trainer, TrainResult
 
 log = logging.getLogger("megaflamingo.train")
@@ -85,13 +86,31 @@ def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dic
 
 
 def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResult]:
+    """The run on this rank. One job per run dir: global rank 0 takes ``<run_dir>/.lock`` (a second job
+    on the same dir exits with RunLockedError naming the holder); a dry run writes nothing and locks
+    nothing."""
     device = device_for(world)
     init_distributed(world, cfg.train.dist_timeout_s)
+    lock = None
+    if not dry_run:
+        lock, warning = take_run_lock(cfg.train.run_dir, world.rank)
+        if warning:
+            log.warning("%s", warning)
+    try:
+        return _run(cfg, world, device, dry_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: Config, world: World, device: torch.device, dry_run: bool) -> Optional[TrainResult]:
+    # Verified before anything is built (every rank checks its share); the trainer asks again and
+    # gets the same, remembered verdict.
+    resume = resolve_resume(cfg.train.resume, cfg.train.run_dir, verify=verify_on_all_ranks)
     seed_everything(cfg.train.seed, world.rank)
     tok, ids = build_run_tokenizer(cfg)
     ds_config = build_ds_config(cfg, world.world_size, hidden_size=lm_hidden_size(cfg))
     model = build_run_model(cfg, tok, ids, ds_config)
-    resume = resolve_resume(cfg.train.resume, cfg.train.run_dir)
     if cfg.train.init_from and resume is None:
         info = load_init_weights(model, cfg.train.init_from, world.rank)
         log.info("initialised from %s: %d tensors (%d not in the checkpoint)", cfg.train.init_from,

@@ -25,10 +25,13 @@ from megaflamingo.model.loss import token_losses
 from megaflamingo.tokens import IGNORE_INDEX
 
 from . import stop as stop_request
-from .checkpointing import CheckpointManager, ResumePoint, config_hash, resolve_resume, set_rng_state
+from .checkpointing import (CheckpointManager, ResumePoint, config_hash, resolve_resume, set_rng_state,
+                            verify_on_all_ranks)
+from .data_health import DataHealth
 from .distributed import World, all_gather_objects, all_reduce_sum, any_rank
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
 from .flops import device_peak_flops, flop_spec
+from .log_truncate import tensorboard_purge_step, truncate_jsonl
 from .metrics import MetricsLogger, peak_memory_gb
 from .optim import build_optimizer, count_params, scheduler_factory
 
@@ -138,6 +141,7 @@ class Trainer:
         self.epoch = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self.health = DataHealth(t)
 
     # ------------------------------------------------------------------ setup helpers
     def _steps_from_loader(self) -> Optional[int]:
@@ -147,7 +151,7 @@ class Trainer:
         return max(1, n // self.cfg.train.gradient_accumulation_steps) * self.cfg.train.num_epochs
 
     def _plan_resume(self) -> tuple[Optional[ResumePoint], bool]:
-        point = resolve_resume(self.cfg.train.resume, self.run_dir)
+        point = resolve_resume(self.cfg.train.resume, self.run_dir, verify=verify_on_all_ranks)
         if point is None:
             return None, False
         meta = point.meta()
@@ -158,7 +162,7 @@ class Trainer:
         if universal:
             # Converted into OUR checkpoint dir; a resume from another run never writes there.
             tag = self.ckpt.universal_tag(point.tag, point.dir, self.cfg.train.convert_timeout_s)
-            point = ResumePoint(self.ckpt.dir, tag)
+            point = ResumePoint(self.ckpt.dir, tag, point.skipped, point.note)
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return point, universal
 
@@ -167,6 +171,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.epoch = int(meta.get("epoch", 0))
         self.nonfinite_total = int(meta.get("nonfinite_skipped", 0))
+        self.health.load_state_dict(meta.get("data_health"))
         if rank_state is not None:
             if rank_state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
                 self.train_loader.load_state_dict(rank_state["loader"])
@@ -183,7 +188,8 @@ class Trainer:
     def _save(self) -> None:
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         meta = {"config_hash": self.cfg_hash, "epoch": self.epoch, "zero_stage": zero_stage(self.ds_config),
-                "nonfinite_skipped": self.nonfinite_total, "time": time.time()}
+                "nonfinite_skipped": self.nonfinite_total, "data_health": self.health.state_dict(),
+                "time": time.time()}
         self.ckpt.save(self.engine, self.step, meta, {"loader": loader_state, "epoch": self.epoch})
 
     # ------------------------------------------------------------------ batches
@@ -236,6 +242,9 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1} (limit "
                 f"train.max_consecutive_nonfinite={limit}); aborting")
+        over = self.health.micro_batch(finite=False)
+        if over is not None:
+            raise NonFiniteLossError(f"step {self.step + 1}: {over}")
 
     # ------------------------------------------------------------------ one step
     def train_step(self, it: Iterator, metrics: MetricsLogger) -> tuple[Iterator, StepStats]:
@@ -258,6 +267,7 @@ class Trainer:
                 self._skip_nonfinite(metrics)
                 continue
             self.nonfinite_in_a_row = 0
+            self.health.micro_batch(finite=True)
             self.engine.backward(loss * t.loss_multiplier if t.loss_multiplier != 1.0 else loss)
             self.engine.step()
             good += 1
@@ -287,6 +297,7 @@ class Trainer:
         window.add(stats)
         last = self.step == self.total_steps
         if self.step % t.logging_steps == 0 or last:
+            metrics.scalars({"train/bad_rows": self.health.check_rows(self.train_loader)}, self.step)
             self._log_window(metrics, window, time.perf_counter() - window.started)
             window = Window()
         if self.valid_loaders and (self.step % t.eval_steps == 0 or last):
@@ -318,9 +329,14 @@ class Trainer:
                                  nonfinite_skipped=self.nonfinite_total)
             if self.world.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                # What a dead run logged past the step we continue from is superseded.
+                truncate_jsonl(self.run_dir / "train_log.jsonl", self.step)
             metrics = MetricsLogger(self.run_dir, self.world.is_main, self.total_steps, self.step,
-                                    self.cfg.train.progress_bar)
+                                    self.cfg.train.progress_bar, purge_step=tensorboard_purge_step(self.step))
             metrics.line(self.plan_text())
+            if self.resume is not None and self.resume.skipped:
+                metrics.text("checkpoint/resume", "\n\n".join(self.resume.skipped + (
+                    f"resumed from {self.resume.path}",)), self.step)
             if any_rank(stop_request.requested()):
                 # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
                 # from (or since initialisation), so there is nothing new to save; exit 75 at once.
