@@ -298,8 +298,9 @@ class DatasetWriter:
     """Writes a dataset directory shard by shard; each shard is complete or absent.
 
     `write_shard(i, rows_or_table, extra)` writes `shard-0000i.arrow` atomically plus a small
-    sidecar `shard-0000i.json` (row count, bad files, audio hours, whatever `extra` holds) that is
-    renamed into place only after the shard itself, so "sidecar exists" means "shard finished".
+    sidecar `shard-0000i.json` (row count, the shard file's size and CRC-32, bad files, audio hours,
+    whatever `extra` holds) that is renamed into place only after the shard itself, so "sidecar
+    exists" means "shard written" (whether its work counts as finished is the embed step's call).
     `finalize(**meta)` collects the sidecars into metadata.json.
     """
 
@@ -328,7 +329,9 @@ class DatasetWriter:
         table = table.replace_schema_metadata(self.schema.metadata)
         self.sidecar_path(i).unlink(missing_ok=True)  # a rewrite invalidates the old marker first
         atomic_write_table(self.shard_path(i), table)
-        side = {"file": self.shard_path(i).name, "num_rows": table.num_rows}
+        # Size and CRC-32 of the file as written: a rerun skips it only if it is still exactly this.
+        size, crc = io.crc32_file(self.shard_path(i))
+        side = {"file": self.shard_path(i).name, "num_rows": table.num_rows, "file_size": size, "file_crc32": crc}
         side.update(extra or {})
         atomic_write_json(self.sidecar_path(i), side)
         return table.num_rows

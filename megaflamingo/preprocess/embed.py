@@ -25,6 +25,8 @@ from megaflamingo.audio.frontend import FrontendConfig, Prepared, init_worker, p
 from megaflamingo.data import arrow_format as af
 from megaflamingo.data.manifests import Manifest, read_manifest
 
+from .shard_state import changed_settings, chunk_status, fingerprint_change_message, resolved_root
+
 RUN_FILE = "_run.json"
 
 
@@ -95,6 +97,7 @@ def _resolve_meta_names(m: Manifest, o: EmbedOptions) -> tuple[str, str, str]:
 
 def _run_fingerprint(o: EmbedOptions, m: Manifest, names, enc_desc, clip_desc) -> dict:
     return {
+        "data_root": resolved_root(o.data_root),
         "manifest_sha256": m.sha256, "num_items": len(m.items),
         "dataset": names[0], "task": names[1], "split": names[2],
         "encoder": enc_desc, "clip_encoder": clip_desc, "dtype": o.dtype,
@@ -103,29 +106,34 @@ def _run_fingerprint(o: EmbedOptions, m: Manifest, names, enc_desc, clip_desc) -
     }
 
 
-def _flatten(d, prefix=""):
+def finished_chunks(writer: af.DatasetWriter, chunks, checksum: bool = True) -> dict[int, tuple[bool, str]]:
+    """``{chunk: (finished, why)}`` for chunks with a sidecar (see ``shard_state.chunk_status``)."""
     out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+    for c in chunks:
+        if writer.sidecar_path(c).is_file():
+            out[c] = chunk_status(writer.read_sidecar(c), writer.shard_path(c), checksum)
     return out
 
 
-def _check_run_file(out: Path, fp: dict) -> None:
+def _check_run_file(out: Path, fp: dict, log=print) -> None:
     path = out / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        a, b = _flatten(old), _flatten(fp)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: existing {json.dumps(a.get(k))} vs requested "
-                               f"{json.dumps(b.get(k))}" for k in diff[:8])
-            raise EmbedError(f"{out} holds a run with different settings ({detail}). Resume with "
-                             f"the same settings, or use a new --out")
-    else:
-        af.atomic_write_json(path, fp)
+        if not changed_settings(old, fp):
+            return
+        # Work worth protecting: a finished chunk that embedded at least one row. Without any (a first
+        # run with a wrong --data-root), the old chunks are discarded and the new settings apply.
+        writer = af.DatasetWriter(out, None)
+        n_chunks = max(1, math.ceil(old.get("num_items", 0) / max(1, old.get("rows_per_shard", 1))))
+        status = finished_chunks(writer, range(n_chunks), checksum=False)
+        if any(ok and writer.read_sidecar(c).get("num_rows", 0) > 0 for c, (ok, _) in status.items()):
+            raise EmbedError(fingerprint_change_message(out, old, fp))
+        log(f"[embed] {out}: no rows embedded under the old settings "
+            f"({', '.join(changed_settings(old, fp))} changed): starting over with the new ones")
+        for c in status:
+            writer.sidecar_path(c).unlink(missing_ok=True)  # the marker first, as write_shard does
+            writer.shard_path(c).unlink(missing_ok=True)
+    af.atomic_write_json(path, fp)
 
 
 def _decode_iter(jobs, workers: int):
@@ -185,7 +193,7 @@ def run_embed(o: EmbedOptions, log=print) -> dict:
                           allow_outside_root=o.allow_outside_root)
     out.mkdir(parents=True, exist_ok=True)
     fp = _run_fingerprint(o, m, names, enc.describe(), clip_desc)
-    _check_run_file(out, fp)
+    _check_run_file(out, fp, log)
 
     schema = af.arrow_schema(enc.embed_dim, o.dtype, clip_dim)
     writer = af.DatasetWriter(out, schema)
@@ -197,7 +205,11 @@ def run_embed(o: EmbedOptions, log=print) -> dict:
             tmp.unlink(missing_ok=True)
         for tmp in out.glob(f".{af.SHARD_PATTERN.format(c)[:-6]}.json*.tmp"):
             tmp.unlink(missing_ok=True)
-    todo = [c for c in mine if not writer.has_shard(c)]
+    status = finished_chunks(writer, mine)
+    for c, (ok, why) in sorted(status.items()):
+        if not ok:
+            log(f"[embed] redoing chunk {c}: {why}")
+    todo = [c for c in mine if not status.get(c, (False, ""))[0]]
     silence = enc.silence_embedding()
     n_todo_items = sum(len(m.items[c * o.rows_per_shard:(c + 1) * o.rows_per_shard]) for c in todo)
     log(f"[embed] {names[0]}-{names[1]}/{names[2]}: {len(m.items)} items, {n_chunks} chunks; "
@@ -245,8 +257,8 @@ def run_embed(o: EmbedOptions, log=print) -> dict:
                "bad_by_reason": {k: v for k, v in sorted(stats.items()) if k != "ok"},
                "job_audio_hours": round(hours, 6), "seconds": round(time.time() - t0, 2),
                "merged": False}
-    done = writer.completed_shards()
-    if all(c in done for c in range(n_chunks)):
+    done = finished_chunks(writer, range(n_chunks), checksum=False)
+    if all(done.get(c, (False, ""))[0] for c in range(n_chunks)):
         meta = finalize(out)
         summary.update(merged=True, num_rows=meta["num_rows"], audio_hours=meta["audio_hours"],
                        dataset_bad_files=len(meta["bad_files"]))
@@ -326,10 +338,13 @@ def finalize(out: str | os.PathLike) -> dict:
     writer = af.DatasetWriter(out, af.arrow_schema(fp["encoder"]["embed_dim"], fp["dtype"],
                                                    None if fp["clip_encoder"] is None
                                                    else fp["clip_encoder"]["embed_dim"]))
-    missing = [c for c in range(n_chunks) if not writer.has_shard(c)]
+    status = finished_chunks(writer, range(n_chunks), checksum=False)
+    missing = [c for c in range(n_chunks) if not status.get(c, (False, ""))[0]]
     if missing:
+        why = "; ".join(status[c][1] for c in missing[:3] if c in status)
         raise EmbedError(f"{out}: {len(missing)} of {n_chunks} chunks are not finished "
-                         f"(e.g. {missing[:10]}); run the remaining `embed --shard` jobs first")
+                         f"(e.g. {missing[:10]}{': ' + why if why else ''}); run the remaining `embed --shard` "
+                         "jobs first")
     first = writer.read_sidecar(0)
     return writer.finalize(
         range(n_chunks), dataset=fp["dataset"], task=fp["task"], split=fp["split"],

@@ -1,17 +1,15 @@
 """When is an embed chunk finished, and may a rerun reuse an output directory?
 
-Three holes let a rerun report failed work as done:
+A rerun must never count failed or damaged work as done:
 
-* the run fingerprint (``_run.json``) did not hold the data root: a run with a wrong ``--data-root`` (every
-  file "missing") and the rerun with the right one looked alike, so the rerun skipped every chunk;
-* a chunk whose items all failed for a *transient* reason (the file was missing or unreadable, e.g. a
-  wrong root or an unmounted filesystem) was written and marked finished like real work;
-* a finished shard truncated or damaged later was skipped on the strength of its sidecar alone.
-
-Fixes: :func:`fingerprint_extras` (the resolved data root; the manifest's content hash is already
-there), :func:`chunk_status` (transient-only chunks are not finished; the shard file must match the size
-and CRC-32 its sidecar recorded at write, :func:`shard_record`), and :func:`fingerprint_change_message`
-(which setting changed, and how to resume or start over).
+* the run fingerprint (``_run.json``) holds the data root as a real path and the manifest's content hash,
+  so a rerun with other settings is refused with the setting named (:func:`fingerprint_change_message`),
+  unless the directory holds no finished chunk yet, in which case there is nothing to protect and the
+  new settings replace the old ones (the usual case: a first run with a wrong ``--data-root``);
+* a chunk whose items all failed for a *transient* reason (missing or unreadable files: a wrong root, an
+  unmounted filesystem) is written but not finished (:func:`chunk_status`), so a rerun redoes it;
+* a finished shard is skipped only while its file still has the size and CRC-32 its sidecar recorded at
+  write (``data.arrow_format.DatasetWriter``); a shard truncated or damaged later is redone.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-from megaflamingo.checkpoint.tag_manifest import checksum_file
+from megaflamingo.io import crc32_file
 
 # Reasons that say nothing about the audio itself: the same item may well succeed on a rerun.
 TRANSIENT_REASONS = frozenset({"missing", "not_a_file", "unreadable"})
@@ -33,20 +31,15 @@ _OPTION = {"data_root": "--data-root", "manifest_sha256": "--manifest (its conte
            "windows.max_windows": "--max-windows"}
 
 
-def fingerprint_extras(data_root: str | os.PathLike) -> dict:
-    """Fields the run fingerprint needs on top of today's: the data root as a real path."""
-    return {"data_root": os.path.realpath(os.path.abspath(data_root))}
+def resolved_root(data_root: str | os.PathLike) -> str:
+    """The data root as the fingerprint records it: a real path (a symlinked root and its target agree)."""
+    return os.path.realpath(os.path.abspath(data_root))
 
 
-def shard_record(shard_path: str | os.PathLike) -> dict:
-    """What the sidecar records about its shard file right after writing it."""
-    rec = checksum_file(shard_path)
-    return {"file_size": rec.size, "file_crc32": rec.crc32}
-
-
-def chunk_status(sidecar: Mapping, shard_path: str | os.PathLike) -> tuple[bool, str]:
+def chunk_status(sidecar: Mapping, shard_path: str | os.PathLike, checksum: bool = True) -> tuple[bool, str]:
     """(finished, why). Not finished: all items failed transiently, or the shard file does not match the
-    size/CRC-32 recorded at write. A sidecar from before records existed is trusted (and says so)."""
+    size (and, with ``checksum``, the CRC-32) recorded at write. A sidecar from before records existed
+    is trusted (and says so)."""
     p = Path(shard_path)
     n = int(sidecar.get("num_items", 0))
     bad = sidecar.get("bad_files") or []
@@ -61,31 +54,37 @@ def chunk_status(sidecar: Mapping, shard_path: str | os.PathLike) -> tuple[bool,
         return True, f"{p.name}: finished (no size/checksum recorded by the version that wrote it)"
     size = p.stat().st_size
     if size != int(sidecar["file_size"]):
-        return False, f"{p.name}: {size} bytes, {sidecar['file_size']} recorded when written (truncated?): redoing it"
-    if checksum_file(p).crc32 != sidecar["file_crc32"]:
-        return False, f"{p.name}: checksum differs from the one recorded when written (corrupted): redoing it"
+        return False, f"{p.name}: {size} bytes, {sidecar['file_size']} recorded when written (truncated?)"
+    if checksum and crc32_file(p)[1] != sidecar["file_crc32"]:
+        return False, f"{p.name}: its checksum differs from the one recorded when written (corrupted)"
     return True, f"{p.name}: finished"
 
 
-def _flatten(d, prefix=""):
+def flatten(d, prefix=""):
     out = {}
     for k, v in (d or {}).items():
-        if isinstance(v, dict) and not k.startswith("encoder") and not k.startswith("clip_encoder"):
-            out.update(_flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def changed_settings(old: Mapping, new: Mapping) -> list[str]:
+    """Flattened keys whose values differ; a key the old fingerprint lacks (written by an older version,
+    which did not record it) does not count."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k))
+
+
 def fingerprint_change_message(out: str | os.PathLike, old: Mapping, new: Mapping) -> str:
     """One message: each changed setting with its old and new value and the option behind it, then how to
     resume (the old values) or start over."""
-    a, b = _flatten(old), _flatten(new)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b = flatten(old), flatten(new)
     lines = [f"{out} holds an embed run with other settings:"]
-    for k in changed:
-        opt = _OPTION.get(k, "--encoder/--checkpoint/--clip-encoder" if k.startswith(("encoder", "clip_encoder"))
-                          else k)
+    for k in changed_settings(old, new):
+        opt = _OPTION.get(k, "--clip-encoder/--clip-checkpoint" if k.startswith("clip_encoder") else
+                          "--encoder/--checkpoint/--embed-dim" if k.startswith("encoder") else k)
         lines.append(f"  {k} ({opt}): existing {a.get(k)!r}, requested {b.get(k)!r}")
     lines.append(f"To resume it, rerun with the existing values; to start over, remove {out} or pass another --out.")
     return "\n".join(lines)

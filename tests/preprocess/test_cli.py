@@ -123,7 +123,7 @@ def test_bad_fraction_sets_exit_code_and_mismatch_is_refused(audio_folder, tmp_p
     capsys.readouterr()
     assert main(embed_args(manifest, data, out, "--workers", "0", "--embed-dim", "8")) == 2
     err = capsys.readouterr().err
-    assert "encoder.embed_dim" in err and "new --out" in err
+    assert "encoder.embed_dim (--encoder/--checkpoint/--embed-dim)" in err and "another --out" in err
 
 
 def _big_manifest(tmp_path, data, copies=3):
