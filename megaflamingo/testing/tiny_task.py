@@ -107,10 +107,11 @@ class SyntheticBatches:
 
 def write_tiny_dataset(root: str | Path, *, embed_dim: int = 32, num_classes: int = 4,
                        rows: dict[str, int] | None = None, max_windows: int = 4, seed: int = 0,
-                       dtype: str = "float32") -> list[Path]:
+                       dtype: str = "float32", nan_rows: dict[str, list[int]] | None = None) -> list[Path]:
     """Write ``<root>/SynthTiny-EventClassification/{train,val}`` Arrow splits of the synthetic task.
 
-    Returns the split directories. Embeddings are class centroid + noise, so the task is learnable."""
+    Returns the split directories. Embeddings are class centroid + noise, so the task is learnable.
+    ``nan_rows``: per split, rows whose last window gets a NaN (bad data the loader must skip)."""
     from megaflamingo.data import arrow_format as af
 
     rows = rows or {"train": 64, "val": 16}
@@ -125,6 +126,8 @@ def write_tiny_dataset(root: str | Path, *, embed_dim: int = 32, num_classes: in
             c = int(rng.integers(num_classes))
             nw = int(rng.integers(1, 4))
             win = cents[c][None, :] + 0.5 * rng.standard_normal((nw, embed_dim)).astype(np.float32)
+            if i in (nan_rows or {}).get(split, ()):
+                win[-1, 0] = np.nan
             data.append({
                 "id": f"{split}-{i:05d}", "index": i, "path": f"audio/{split}/{i:05d}.wav", "start": 0.0,
                 "duration": 7.0 + 1.75 * (nw - 1), "num_windows": nw, "windows": win, "clip_embedding": None,
