@@ -49,6 +49,25 @@ def test_missing_dataset_and_embed_mismatch_fail_before_training(single_env, tmp
     assert "data.max_tokens: 4096 exceeds the LM's 1024 positions" in capsys.readouterr().err
 
 
+def test_missing_resume_dir_and_corrupt_arrow_shard_fail_at_preflight(single_env, tmp_path, data_root, capsys):
+    """Exit 2 with one line naming the cause, before any process group or model exists."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = ["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", f"train.run_dir={run}"]
+    assert main(args + ["--resume", str(tmp_path / "nope" / "checkpoints")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope' / 'checkpoints'}" in err and "no such directory" in err and err.count("\n") == 1
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    shard = sorted((root / "SynthTiny-EventClassification" / "train").glob("shard-*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={root}", f"train.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}: not a readable Arrow IPC file" in err and err.count("\n") == 1
+    assert not run.exists()
+
+
 def test_validation_text_is_cut_at_the_lms_positions(data_root, monkeypatch):
     """AF1 cut validation text at 5 x data.max_tokens; past the LM's positions that would crash the
     first evaluation, so the cap is the smaller of the two."""

@@ -126,6 +126,8 @@ def campaign(tmp_path_factory):
             os.kill(w, signal.SIGSTOP)
         out["holder"] = json.loads((run_dir / ".lock").read_text())
         out["workers"] = workers
+        out["rank_of"] = {w: dict(kv.split("=", 1) for kv in Path(f"/proc/{w}/environ").read_text().split("\0")
+                                  if "=" in kv)["RANK"] for w in workers}
         out["second"] = run(torchrun("train.max_steps=40"), env, timeout=300)
         for w in workers:
             os.kill(w, signal.SIGCONT)
@@ -168,7 +170,7 @@ def campaign(tmp_path_factory):
 
 def test_a_second_job_on_the_run_dir_is_refused_naming_the_holder(campaign):
     r, holder = campaign["second"], campaign["holder"]
-    assert holder["pid"] in campaign["workers"] and holder["host"] == socket.gethostname()
+    assert campaign["rank_of"][holder["pid"]] == "0" and holder["host"] == socket.gethostname()  # rank 0 holds it
     msg = f"run dir {campaign['run']} is in use by host {holder['host']} pid {holder['pid']}"
     assert r.stderr.count(msg) == 1, r.stderr[-4000:]  # rank 0 says it; rank 1 exits with the same verdict
     assert "exitcode  : 2" in r.stderr  # torchrun's report of its workers (under srun the step exits 2)

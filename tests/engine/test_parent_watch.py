@@ -182,31 +182,11 @@ def _port():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("watch", [True, False])
-def test_torchrun_workers_exit_when_torchrun_is_killed(tmp_path, watch):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port())]
-    p, ranks = _launch_real(tmp_path, "tr", cmd, {} if watch else {"MF_TEST_NO_WATCH": "1"})
-    workers = [(r["pid"], proc_info(r["pid"]).start) for r in ranks]
-    try:
-        assert all(r["chain"] == ["torchrun"] for r in ranks)
-        os.kill(p.pid, signal.SIGKILL)  # the agent only
-        p.wait()
-        gone = [wait_gone(pid, st, 8 if watch else 3) for pid, st in workers]
-        if watch:
-            assert max(gone) < 5, gone
-        else:  # control: without the watch both workers train on as orphans
-            assert gone == [float("inf")] * 2
-    finally:
-        kill_tree([pid for pid, _ in workers])
-        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_deepspeed_workers_exit_when_the_deepspeed_command_is_killed(tmp_path):
     """``deepspeed`` -> ``deepspeed.launcher.launch`` -> workers: killing the top command alone leaves
     ``launch`` (the workers' parent) running; the workers watch the runner above it too."""
     ds = Path(sys.executable).with_name("deepspeed")
+    ds = ds if ds.is_file() else Path(shutil.which("deepspeed") or ds)  # a venv layered over another
     p, ranks = _launch_real(tmp_path, "ds", [sys.executable, str(ds), "--num_gpus", "2", "--master_port",
                                              str(_port())])
     workers = [(r["pid"], proc_info(r["pid"]).start) for r in ranks]
