@@ -1,14 +1,19 @@
 """The real launch/slurm_train.sbatch on a real Slurm: 2 nodes x 1 task, configs/tiny_cpu.yaml, gloo.
 
 One job plays the whole story (two trainer start-ups instead of three keeps the suite fast):
-it starts training; the test sends the batch shell SIGUSR1 exactly as ``#SBATCH --signal=B:USR1@600``
-would before the time limit; every rank checkpoints at the same step and exits 75; the script
-requeues the job; the requeued run resumes from that checkpoint and trains to the end.
-(d) checks the end state (job COMPLETED, TensorBoard events, checkpoints of both ranks);
-(e) checks the stop / requeue / resume in between.
+it starts training; a second 2-node job on the same run dir is refused (exit 2, naming the first job)
+while the first one's ranks are paused; the test sends the batch shell SIGUSR1 exactly as
+``#SBATCH --signal=B:USR1@600`` would before the time limit; every rank checkpoints at the same step
+and exits 75; the script requeues the job; the requeued run resumes from that checkpoint and trains
+to the end.
+(c) checks the refused second job; (d) the end state (job COMPLETED, TensorBoard events, checkpoints
+of both ranks); (e) the stop / requeue / resume in between.
 """
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +50,28 @@ def requeued_job(slurm_cluster, tiny_data, tmp_path_factory):
         if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
             pytest.fail(f"job {job} {state} before its first training step\n{log()}\n{slurm_cluster.logs_tail()}")
         time.sleep(0.2)
-    # 2. What `--signal=B:USR1@600` does 10 minutes before the time limit.
+    # 2. A second job on the same run dir, both nodes, while the first one's ranks are paused (so the
+    #    first cannot finish meanwhile): refused at start-up, every rank, exit 2.
+    ranks = trainer_pids(job)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    second_out = tmp / "second.out"
+    try:
+        second = slurm_cluster.sbatch(
+            ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--no-requeue",
+             f"--output={second_out}", str(REPO / "launch/slurm_train.sbatch"), "configs/tiny_cpu.yaml",
+             "train.progress_bar=false"],
+            env=job_env(MF_DATA_ROOT=str(tiny_data), MF_RUN_DIR=str(run_dir)), cwd=REPO)
+        second_info = slurm_cluster.wait_job(second, {"FAILED"}, timeout=300)
+    except SlurmError as e:
+        pytest.fail(f"{e}\n--- second job output\n{second_out.read_text() if second_out.exists() else '(none)'}")
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+    # 3. What `--signal=B:USR1@600` does 10 minutes before the time limit.
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    # 3. The script requeues; Slurm holds a requeued job back (BeginTime = now + ~2 min) so its
+    # 4. The script requeues; Slurm holds a requeued job back (BeginTime = now + ~2 min) so its
     #    nodes can clean up. Release it early: only the wait is skipped, not the requeue.
     deadline = time.monotonic() + 240
     while True:
@@ -59,12 +83,41 @@ def requeued_job(slurm_cluster, tiny_data, tmp_path_factory):
         time.sleep(0.3)
     stop_step = len(read_steps(run_dir))
     slurm_cluster.release_requeued(job)
-    # 4. The requeued run resumes and finishes.
+    # 5. The requeued run resumes and finishes.
     try:
         final = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=300)
     except SlurmError as e:
         pytest.fail(f"{e}\n--- job output\n{log()}")
-    return {"job": job, "info": final, "log": log(), "run_dir": run_dir, "stop_step": stop_step}
+    return {"job": job, "info": final, "log": log(), "run_dir": run_dir, "stop_step": stop_step,
+            "second": {"info": second_info, "log": second_out.read_text(errors="replace")}}
+
+
+def trainer_pids(job: int) -> list[int]:
+    """The trainer processes (srun tasks) of ``job``: the simulated nodes run them on this host."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            ppid = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/comm").read_text().strip()
+        except OSError:
+            continue
+        # a task of the job's srun step (its parent is slurmstepd), not the srun client or the batch shell
+        if f"SLURM_JOB_ID={job}".encode() in env and parent == "slurmstepd" and \
+                any(c.endswith(b"megaflamingo-train") for c in cmd[:2]):
+            out.append(int(d))
+    return sorted(out)
+
+
+def test_c_a_second_job_on_the_run_dir_is_refused_naming_the_first(requeued_job):
+    info, log = requeued_job["second"]["info"], requeued_job["second"]["log"]
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
+    assert f"run dir {requeued_job['run_dir']} is in use by host" in log, log
+    assert f"job slurm:{requeued_job['job']}" in log, log  # the holder's Slurm job id
+    assert "srun finished with status 2" in log and "requeueing" not in log, log
 
 
 def test_d_sbatch_job_completes_with_tensorboard_and_checkpoints(requeued_job):
