@@ -12,7 +12,8 @@ For each size a file of random float32 data (a shard's bytes are effectively ran
 * ``save_rehash_warm_gbps``: re-reading the just-written file from the page cache and hashing it
   (what a rank would do right after its fsync, before the completion marker);
 * ``verify_cold_gbps``: reading the file after its pages were dropped (``posix_fadvise(DONTNEED)``) and
-  hashing it -- what resume pays on a fresh node; ``disk_read_gbps`` is the same read without hashing.
+  hashing it -- what resume pays on a fresh node; ``disk_read_gbps`` is the same read without hashing;
+* ``shipped``: the trainer's own record (warm) and resume-time verification (cold, CRC-32 + pickle scan).
 
 Candidates: zlib.crc32, hashlib.sha256, hashlib.blake2b (stdlib); xxhash.xxh3_64 and google_crc32c when
 installed. Prints one JSON object. The file is deleted at the end. Numbers are noisy on a shared machine;
@@ -128,7 +129,9 @@ def _best(fn, repeats):
 def bench(size: int, d: Path, repeats: int) -> dict:
     data = {"w": torch.randn(size // 4, generator=torch.Generator().manual_seed(0))}
     raw = memoryview(data["w"].numpy()).cast("B")
-    path = d / f"bench_verify_{os.getpid()}.pt"
+    tag = d / f"bench_verify_{os.getpid()}"  # a one-file "tag"
+    tag.mkdir()
+    path = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
     def save_plain():
         t = time.perf_counter()
@@ -165,11 +168,44 @@ def bench(size: int, d: Path, repeats: int) -> dict:
                                                    repeats) / 1e9
             per[name] = {k: round(v, 3) for k, v in r.items()}
         res["checksums"] = per
+        res["shipped"] = {k: round(v, 3) for k, v in _shipped(path, nbytes, repeats).items()}
     finally:
         path.unlink(missing_ok=True)
+        tag.rmdir()
     res["save_plain_gbps"] = round(res["save_plain_gbps"], 3)
     res["disk_read_gbps"] = round(res["disk_read_gbps"], 3)
     return res
+
+
+def _shipped(path: Path, nbytes: int, repeats: int) -> dict:
+    """The trainer's own code on the file as a one-file tag: the record a rank writes after its fsync
+    (page cache warm), the resume-time check from a cold cache (``verify_marker_record``: sizes, CRC-32
+    and the pickle scan), and the pickle scan alone."""
+    from megaflamingo.checkpoint.tag_manifest import manifest, record_files, scan_pickles, verify_marker_record
+
+    tag = path.parent
+
+    def record():
+        t = time.perf_counter()
+        record_files(tag)
+        return time.perf_counter() - t
+
+    meta = {"step": 1, "integrity": manifest(record_files(tag))}
+
+    def verify_cold():
+        _drop_cache(path)
+        t = time.perf_counter()
+        verify_marker_record(tag, meta)
+        return time.perf_counter() - t
+
+    def scan():
+        t = time.perf_counter()
+        scan_pickles(tag)
+        return time.perf_counter() - t
+
+    return {"record_warm_gbps": nbytes / _best(record, repeats) / 1e9,
+            "verify_cold_gbps": nbytes / _best(verify_cold, repeats) / 1e9,
+            "pickle_scan_s": _best(scan, repeats)}
 
 
 def _time_hash(h, raw) -> float:
