@@ -22,10 +22,12 @@ run twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import zlib
@@ -233,6 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import chatter: stdout is the JSON only
+        from megaflamingo.checkpoint.safe_load import allowed_globals
+
+        allowed_globals()
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "load_avg": os.getloadavg()[0]},
            "dir": a.dir, "results": [bench(_parse_size(s), Path(a.dir), a.repeats) for s in a.sizes.split(",")]}
