@@ -78,20 +78,27 @@ def atomic_write_json(path: PathLike, obj: Any, sort_keys: bool = True) -> None:
 _CRC_CHUNK = 8 << 20
 
 
-def crc32_file(path: PathLike) -> tuple[int, str]:
-    """``(size, CRC-32 as 8 hex digits)`` of a file, read in 8 MB chunks (zlib releases the GIL, so
-    several files hash in parallel threads). CRC-32 is for accidents (bit rot, truncation, torn
-    writes), not for attackers: nothing that executes code is ever loaded from a file we only hash."""
-    crc, size = 0, 0
-    buf = bytearray(_CRC_CHUNK)
+def file_chunks(path: PathLike, chunk: int = _CRC_CHUNK) -> Iterator[memoryview]:
+    """The bytes of a file as views of one reused buffer (unbuffered reads: no second copy). A view
+    is valid until the next one is produced."""
+    buf = bytearray(chunk)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
             if not n:
-                break
-            crc = zlib.crc32(mv[:n], crc)
-            size += n
+                return
+            yield mv[:n]
+
+
+def crc32_file(path: PathLike) -> tuple[int, str]:
+    """``(size, CRC-32 as 8 hex digits)`` of a file (zlib releases the GIL, so several files hash in
+    parallel threads). CRC-32 is for accidents (bit rot, truncation, torn writes), not for attackers:
+    nothing that executes code is ever loaded from a file we only hash."""
+    crc, size = 0, 0
+    for part in file_chunks(path):
+        crc = zlib.crc32(part, crc)
+        size += len(part)
     return size, f"{crc & 0xFFFFFFFF:08x}"
 
 

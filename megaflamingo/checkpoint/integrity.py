@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from megaflamingo.io import atomic_path
+from megaflamingo.io import atomic_path, file_chunks
 
 PathLike = Union[str, os.PathLike]
 _CHUNK = 16 << 20
@@ -104,16 +104,10 @@ class HashingWriter:
 
 def sha256_file(path: PathLike, progress=None) -> str:
     sha = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            sha.update(mv[:n])
-            if progress is not None:
-                progress(n)
+    for part in file_chunks(path, _CHUNK):
+        sha.update(part)
+        if progress is not None:
+            progress(len(part))
     return sha.hexdigest()
 
 

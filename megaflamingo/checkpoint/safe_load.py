@@ -58,37 +58,34 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _ORIGINAL_LOAD = torch.serialization.load  # captured once: the guard replaces torch.load
 
 
-class UnsafeCheckpointError(CheckpointError):
+class FileCheckpointError(CheckpointError):
+    """A CheckpointError about one file (``path``); picklable across the converter's worker processes."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.path))
+
+
+class UnsafeCheckpointError(FileCheckpointError):
     """A checkpoint file names a global outside the allow-list (it could run code when unpickled)."""
 
     def __init__(self, message: str, path: Optional[str] = None, refused: Optional[str] = None):
-        super().__init__(message)
-        self.path, self.refused = path, refused
+        super().__init__(message, path)
+        self.refused = refused
 
-    def __reduce__(self):  # picklable across the converter's worker processes
+    def __reduce__(self):
         return (type(self), (str(self), self.path, self.refused))
 
 
-class NotACheckpointError(CheckpointError):
+class NotACheckpointError(FileCheckpointError):
     """The file is not a torch checkpoint at all (neither a zip archive nor a pickle)."""
 
-    def __init__(self, message: str, path: Optional[str] = None):
-        super().__init__(message)
-        self.path = path
 
-    def __reduce__(self):
-        return (type(self), (str(self), self.path))
-
-
-class CorruptCheckpointError(CheckpointError):
+class CorruptCheckpointError(FileCheckpointError):
     """The file looks like a torch checkpoint but cannot be read: truncated or corrupted."""
-
-    def __init__(self, message: str, path: Optional[str] = None):
-        super().__init__(message)
-        self.path = path
-
-    def __reduce__(self):
-        return (type(self), (str(self), self.path))
 
 
 # ----------------------------------------------------------------------------------------------- allow-list

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megaflamingo.checkpoint import safe_load as S
+from tests.launch.launch_util import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 HERE = Path(__file__).parent
@@ -25,14 +26,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plant(path: Path, marker: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from megaflamingo.testing.tiny_task import write_tiny_dataset
+from tests.launch.launch_util import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).parents[2]
@@ -31,12 +32,6 @@ COMMON = ["--config", "tiny_cpu", "train.logging_steps=1", "train.eval_steps=100
           "train.save_steps=2", "train.keep_last=10", "train.max_bad_row_fraction=0.2"]
 NAN_ROWS = [5, 17]
 SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-
-
-def port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def env_for(data_root, run_dir):
@@ -48,7 +43,7 @@ def env_for(data_root, run_dir):
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port(),
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             "-m", "megaflamingo.cli.train", *COMMON, *args]
 
 

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megaflamingo.engine.parent_watch import Proc, alive, launcher_chain, proc_info
+from tests.launch.launch_util import free_port
 
 REPO = Path(__file__).parents[2]
 
@@ -174,12 +174,6 @@ def _launch_real(tmp_path, name, cmd_prefix, env_extra=None):
     return p, ranks
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_workers_exit_when_the_deepspeed_command_is_killed(tmp_path):
@@ -188,7 +182,7 @@ def test_deepspeed_workers_exit_when_the_deepspeed_command_is_killed(tmp_path):
     ds = Path(sys.executable).with_name("deepspeed")
     ds = ds if ds.is_file() else Path(shutil.which("deepspeed") or ds)  # a venv layered over another
     p, ranks = _launch_real(tmp_path, "ds", [sys.executable, str(ds), "--num_gpus", "2", "--master_port",
-                                             str(_port())])
+                                             str(free_port())])
     workers = [(r["pid"], proc_info(r["pid"]).start) for r in ranks]
     launch = proc_info(proc_info(ranks[0]["pid"]).ppid)
     try:
