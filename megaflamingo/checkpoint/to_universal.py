@@ -7,6 +7,9 @@ worker processes; the guard is installed before DeepSpeed is imported, and the w
 inherit it (``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` is inherited too: a worker started any other way loads
 weights-only without the allow-list, i.e. fails closed).
 
+A tag written by ``megaflamingo-train`` is first checked against its integrity record (sizes, CRC-32,
+pickle scan); one without marker or record is converted with a warning.
+
 Exit codes: 0 converted; 2 a refused, corrupted or missing input file (one line naming it); 1 other errors.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 
 from .integrity import CheckpointError
 from .safe_load import install_guard
+from .tag_manifest import verify_saved_tag
 
 
 def main(argv=None) -> int:
@@ -28,6 +32,9 @@ def main(argv=None) -> int:
     sys.argv = ["ds_to_universal", *(sys.argv[1:] if argv is None else argv)]
     args = ds_to_universal.parse_arguments()
     try:
+        warning = verify_saved_tag(args.input_folder)  # a trainer tag must match its integrity record
+        if warning:
+            print(f"megaflamingo.checkpoint.to_universal: warning: {warning}", file=sys.stderr)
         ds_to_universal.main(args)
     except CheckpointError as e:
         print(f"megaflamingo.checkpoint.to_universal: error: {e}", file=sys.stderr)
