@@ -150,6 +150,7 @@ def _fingerprint(bench: Benchmark) -> str:
     d.pop("source", None)
     d.pop("notes", None)
     d.pop("paper", None)
+    d.pop("decoding", None)  # compared on its own, so a mismatch names it
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
