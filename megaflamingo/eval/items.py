@@ -46,11 +46,36 @@ def with_options(prompt: str, labels) -> str:
     return prompt + "\nOPTIONS:\n - {}.".format(".\n - ".join(sorted(labels)))
 
 
+def render_shot(form, task: str, path: str, prompt: str, output: str, options=None,
+                context: bool = False) -> tuple[str, str, str]:
+    """(prefix, prompt with answer suffix, reference) of one shot in its trained form.
+
+    ``options`` (zero-shot only) are appended after the training normalisation, exactly where and in
+    the case AF1's provide_all_labels put them (``\nOPTIONS:\n - a.\n - b.`` before the suffix)."""
+    prefix, p, ref = form.render(task, path, prompt, output, no_options=context)
+    if options:
+        suffix = form.registry.suffix
+        body = p[: -len(suffix)] if suffix and p.endswith(suffix) else p
+        p = with_options(body, options) + suffix
+    return prefix, p, ref
+
+
+def training_text(tokenizer, prefix: str, shots: list[tuple[str, str]], query: str, interleaved: bool) -> str:
+    """The training sample text (megaflamingo.data.assemble.build_parts, training form) cut right
+    after the query's ``<SEP>``: ``shots`` are rendered (prompt, answer) context pairs."""
+    from megaflamingo.inference.prompts import EOC, MEDIA
+
+    bos, sep = tokenizer.bos_token, tokenizer.sep_token
+    intro = f"{bos}Here are similar examples. {prefix}" if interleaved else f"{bos}{prefix}"
+    blocks = "".join(f"{MEDIA}{p.strip()}{sep}{o.strip()}{EOC}" for p, o in shots)
+    return f"{intro}{blocks}{MEDIA}{query.strip()}{sep}"
+
+
 def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, suffix: str,
                 limit: Optional[int] = None, allow_outside_root: bool = False) -> tuple[list[EvalItem], dict]:
-    """(items in a fixed order, rendering info). ``form``: ``prompts.TrainingForm`` of the model."""
+    """(items in a fixed order, rendering info). ``form``: ``prompts.TrainingForm`` of the model
+    (``suffix`` is kept for callers; the form's template registry carries the answer suffix)."""
     from megaflamingo.data.assemble import Source
-    from megaflamingo.inference.prompts import Example, fewshot_prompt, multi_audio_prompt
 
     from .subsets import subset_filter
 
@@ -66,11 +91,8 @@ def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, suffix
     keep = subset_filter(bench.subset) if bench.subset else None
     ds = src.ds
 
-    def raw_prompt(row_prompt: str, context: bool = False) -> str:
-        if trained or not bench.prompt:
-            return row_prompt
-        # Context shots never carry option lists (AF1's training did not show them there).
-        return bench.prompt if (context or options is None) else with_options(bench.prompt, options)
+    def raw(row_prompt: str) -> str:
+        return row_prompt if trained or not bench.prompt else bench.prompt
 
     # 1. rows -> groups (one group per item)
     groups: dict[tuple, dict] = {}
@@ -95,14 +117,12 @@ def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, suffix
         q = it.shots[-1]
         if keep is not None and not keep(q.prompt or "", g["outputs"]):
             continue
-        prefix, prompt, _ = form.render(task, q.path, raw_prompt(q.prompt), g["outputs"][0])
-        refs = [form.render(task, q.path, raw_prompt(q.prompt), o)[2] for o in g["outputs"]]
-        if src.knn is None:
-            text = multi_audio_prompt(tokenizer, prompt, 1, prefix, suffix)
-        else:
-            examples = [Example(*form.render(task, s.path, raw_prompt(s.prompt, context=True), s.output,
-                                             no_options=True)[1:]) for s in it.shots[:-1]]
-            text = fewshot_prompt(tokenizer, examples, prompt, prefix, mode="similar", suffix=suffix)
+        prefix, prompt, _ = render_shot(form, task, q.path, raw(q.prompt), g["outputs"][0], options)
+        refs = [form.render(task, q.path, raw(q.prompt), o)[2] for o in g["outputs"]]
+        # Context shots: never an option list (AF1's training did not show one there).
+        shots = [render_shot(form, task, s.path, raw(s.prompt), s.output, None, context=True)[1:]
+                 for s in it.shots[:-1]]
+        text = training_text(tokenizer, prefix, shots, prompt, src.knn is not None)
         iid = str(ds.text(g["row"], "id"))
         if iid in seen_ids:  # a query listed twice in a kNN manifest
             iid = f"{iid}#{g['j']}"

@@ -54,14 +54,26 @@ def _as_lists(refs: Sequence[Ref]) -> list[list[str]]:
 
 def _simple_tokenize(text: str) -> str:
     # Approximates the PTB tokeniser for the no-Java fallback: lower-case, split punctuation off, drop it.
-    toks = re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]", (text or "").replace("\n", " ").lower())
+    t = (text or "").replace("\n", " ").lower()
+    # PTB splits clitics off their word: "someone's" -> "someone 's", "don't" -> "do n't".
+    t = re.sub(r"([a-z])n't\b", r"\1 n't", t)
+    t = re.sub(r"([a-z0-9])'(s|re|ve|ll|d|m)\b", r"\1 '\2", t)
+    toks = re.findall(r"n't|'[a-z]+|[a-z0-9]+|[^\sa-z0-9]", t)
     return " ".join(t for t in toks if t not in _PTB_PUNCT)
 
 
-def tokenize_captions(captions: dict, use_java: Optional[bool] = None) -> tuple[dict, str]:
-    """``{key: [caption, ...]}`` -> (tokenised, tokenizer name) as pycocoevalcap scorers expect."""
-    use_java = java_available() if use_java is None else use_java
-    if use_java:
+def tokenize_captions(captions: dict, tokenizer: str = "auto") -> tuple[dict, str]:
+    """``{key: [caption, ...]}`` -> (tokenised, tokenizer used) as pycocoevalcap scorers expect.
+
+    ``tokenizer``: ``auto`` (PTB when Java is present, else ``simple``), ``ptb``, ``simple``, or
+    ``none`` (captions are tokenised already: whitespace-separated tokens, case kept)."""
+    if tokenizer not in ("auto", "ptb", "simple", "none"):
+        raise ValueError(f"tokenizer must be auto, ptb, simple or none, got {tokenizer!r}")
+    if tokenizer == "none":
+        return {k: [" ".join(c.split()) for c in v] for k, v in captions.items()}, "none"
+    if tokenizer == "ptb" and not java_available():
+        raise MetricUnavailable("the PTB tokenizer needs a Java runtime (apt-get install default-jre-headless)")
+    if tokenizer == "ptb" or (tokenizer == "auto" and java_available()):
         _require_coco()
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -73,7 +85,7 @@ CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cid
 
 
 def caption_scores(preds: Sequence[str], refs: Sequence[Ref], metrics: Sequence[str] = ("cider", "bleu4", "meteor",
-                   "rouge_l"), use_java: Optional[bool] = None) -> dict:
+                   "rouge_l"), tokenizer: str = "auto") -> dict:
     """Corpus scores of ``preds`` against ``refs`` (several references per item allowed).
 
     Returns ``{metric: value}`` plus ``tokenizer`` ("ptb" or "simple") and, for a metric that could
@@ -86,12 +98,11 @@ def caption_scores(preds: Sequence[str], refs: Sequence[Ref], metrics: Sequence[
     if not preds:
         return {m: float("nan") for m in metrics} | {"tokenizer": None}
     _require_coco()
-    use_java = java_available() if use_java is None else use_java
     ref_lists = _as_lists(refs)
     keys = [str(i) for i in range(len(preds))]
     both = {f"r{k}": r for k, r in zip(keys, ref_lists)}
     both.update({f"p{k}": [p or ""] for k, p in zip(keys, preds)})
-    tok, tok_name = tokenize_captions(both, use_java)  # one tokeniser process for everything
+    tok, tok_name = tokenize_captions(both, tokenizer)  # one tokeniser process for everything
     gts = {k: tok[f"r{k}"] for k in keys}
     # An empty hypothesis makes the METEOR jar answer nothing (the pipe would block): score it as the
     # empty string everywhere except METEOR, which gets a token that matches no reference.
@@ -114,7 +125,7 @@ def caption_scores(preds: Sequence[str], refs: Sequence[Ref], metrics: Sequence[
 
         out["cider"] = float(Cider().compute_score(gts, res)[0])
     if "meteor" in metrics:
-        if not use_java:
+        if not java_available():
             out["meteor"] = None
             unavailable["meteor"] = "needs a Java runtime (apt-get install default-jre-headless)"
         else:
