@@ -163,6 +163,9 @@ def run_benchmark(bench: Benchmark, loaded, form, suffix: str, opts: EvalOptions
 
     items, info = build_items(bench, opts.data_root, loaded.tokenizer, form, suffix, opts.limit,
                               opts.allow_outside_root)
+    if not items:
+        raise ValueError(f"benchmark {bench.name}: {bench.split} yields no items"
+                         + (f" (subset {bench.subset} matched none)" if bench.subset else ""))
     decoding = dict(bench.decoding)
     runner = Runner(loaded, GenerationSettings(**decoding))
     compat = {"model": str(Path(opts.model).resolve()), "split": bench.split, "benchmark": _fingerprint(bench),

@@ -137,11 +137,14 @@ def builtin_text() -> str:
 
 
 def load_registry(extra: Sequence[str | Path] = (), builtin: bool = True) -> Registry:
-    """The built-in registry, then each file of ``extra`` over it (later files win)."""
+    """The built-in registry, then each file of ``extra`` over it (later files win). A user file's
+    entries inherit the built-in ``defaults`` (AF1's decoding) unless the file sets its own."""
     benches: dict[str, Benchmark] = {}
     sources = []
+    base = yaml.safe_load(builtin_text())
+    inherited = dict(base.get("defaults") or {})
     if builtin:
-        benches.update(parse_registry(yaml.safe_load(builtin_text()), f"<builtin {BUILTIN}>"))
+        benches.update(parse_registry(base, f"<builtin {BUILTIN}>"))
         sources.append(BUILTIN)
     for path in extra:
         p = Path(path)
@@ -151,12 +154,12 @@ def load_registry(extra: Sequence[str | Path] = (), builtin: bool = True) -> Reg
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise RegistryError(f"{p}: not valid YAML ({e})") from None
-        benches.update(parse_registry(raw, str(p)))
+        benches.update(parse_registry(raw, str(p), inherited))
         sources.append(str(p))
     return Registry(benches, sources)
 
 
-def parse_registry(raw: Any, where: str) -> dict[str, Benchmark]:
+def parse_registry(raw: Any, where: str, inherited: Optional[Mapping] = None) -> dict[str, Benchmark]:
     if not isinstance(raw, Mapping):
         raise RegistryError(f"{where}: expected a mapping with 'benchmarks'")
     unknown = set(raw) - {"version", "defaults", "benchmarks"}
@@ -164,9 +167,10 @@ def parse_registry(raw: Any, where: str) -> dict[str, Benchmark]:
         raise RegistryError(f"{where}: unknown top-level key {sorted(unknown)[0]!r}")
     if raw.get("version", 1) != 1:
         raise RegistryError(f"{where}: version {raw.get('version')!r} is not supported (1)")
-    defaults = raw.get("defaults") or {}
-    if not isinstance(defaults, Mapping) or set(defaults) - {"decoding", "normalize"}:
+    own = raw.get("defaults") or {}
+    if not isinstance(own, Mapping) or set(own) - {"decoding", "normalize"}:
         raise RegistryError(f"{where}: defaults may hold 'decoding' and 'normalize' only")
+    defaults = {**(inherited or {}), **own}
     entries = raw.get("benchmarks")
     if not isinstance(entries, Mapping) or not entries:
         raise RegistryError(f"{where}: 'benchmarks' must be a non-empty mapping of name -> entry")

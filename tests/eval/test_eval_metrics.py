@@ -140,6 +140,15 @@ def test_ptb_tokenizer_and_meteor():
     assert 0 <= empty["meteor"] < ptb["meteor"]
 
 
+def test_without_java_captions_still_score_and_say_how(monkeypatch):
+    monkeypatch.setattr(M, "java_available", lambda: False)
+    got = _score(PREDS, CLIPS, ("cider", "meteor"), tokenizer="auto")
+    assert got["tokenizer"] == "simple" and got["cider"] == pytest.approx(_score(PREDS, CLIPS, ("cider",))["cider"])
+    assert got["meteor"] is None and "Java" in got["unavailable"]["meteor"]
+    with pytest.raises(M.MetricUnavailable, match="Java"):
+        _score(PREDS, CLIPS, ("cider",), tokenizer="ptb")
+
+
 def test_bleu4_replacement_for_batch_inference():
     assert M.bleu4([HYP1, HYP2], [REF1, REF2]) == pytest.approx(
         M.caption_scores([HYP1, HYP2], [REF1, REF2], ["bleu4"])["bleu4"])
