@@ -23,11 +23,13 @@ import yaml
 
 
 def build(tmp: Path, items: int, hidden: int, layers: int, embed_dim: int, device: str):
-    from megaflamingo import synthetic
+    from megaflamingo.checkpoint.model_dir import LoadedModel, config_tokenizer, encoder_record_from_dataset
+    from megaflamingo.cli.preprocess import main as preprocess_main
     from megaflamingo.config import load_config
-    from megaflamingo.inference.load import LoadedModel, build_from_config, build_tokenizer, encoder_record_from_dataset
-    from megaflamingo.testing import tiny_lm_config_dict, tiny_tokenizer
-    from preprocess.cli import main as preprocess_main
+    from megaflamingo.model.build import build_from_config
+    from megaflamingo.testing import sounds as synthetic
+    from megaflamingo.testing import tiny_lm_config_dict
+    from megaflamingo.tokens import tiny_tokenizer
 
     per_class = max(1, items // len(synthetic.LABELS))
     data = tmp / "data"
@@ -45,11 +47,11 @@ def build(tmp: Path, items: int, hidden: int, layers: int, embed_dim: int, devic
         "model.audio_transformer.n_head=4", "model.audio_transformer.n_layers=1",
         "model.audio_transformer.d_inner=256", "model.audio_transformer.max_num_media=64",
         "model.xattn.heads=4", "model.xattn.dim_head=32", "model.xattn.ff_mult=2"])
-    tok = build_tokenizer(cfg)
+    tok = config_tokenizer(cfg)
     torch.manual_seed(0)
-    model, ids = build_from_config(cfg, tok, device)
+    model, tokens = build_from_config(cfg.model, tok, device)
     model.eval()
-    loaded = LoadedModel(model=model, tokenizer=tok, token_ids=ids, config=cfg,
+    loaded = LoadedModel(model=model, tokenizer=tok, tokens=tokens, config=cfg,
                          encoder=encoder_record_from_dataset(split), source="random", kind="export")
     reg = tmp / "bench_registry.yaml"
     reg.write_text(yaml.safe_dump({"benchmarks": {"synth": {

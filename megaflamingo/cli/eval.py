@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, help="override the registry's decoding (recorded in settings)")
     p.add_argument("--allow-outside-root", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout-s", type=int, default=1800, help="seconds a collective may wait for another rank "
+                   "before the run fails (several ranks; default %(default)s)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results.json side by side")
     p.add_argument("--list", action="store_true", help="list the registry's benchmarks")
     return p
@@ -60,13 +62,17 @@ def main(argv=None) -> int:
         missing = [f for f in ("model", "data_root", "out") if not getattr(a, f)]
         if missing:
             raise ValueError("missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        from megaflamingo.engine.distributed import discover_env, init_distributed
         from megaflamingo.eval.evaluate import EvalOptions, evaluate
 
+        world = discover_env()  # torchrun / srun / mpirun variables -> one process group
+        if world.world_size > 1:
+            init_distributed(world, a.timeout_s)
         opts = EvalOptions(model=a.model, data_root=a.data_root, benchmarks=a.benchmarks, out=a.out, limit=a.limit,
                            resume=a.resume, registry_files=a.registry, batch_size=a.batch_size, device=a.device,
                            dtype=a.dtype, config=a.config, cache_dir=a.cache_dir, max_new_tokens=a.max_new_tokens,
                            num_beams=a.num_beams, progress=not a.no_progress, allow_outside_root=a.allow_outside_root)
-        results = evaluate(opts)
+        results = evaluate(opts, local_rank=world.local_rank)
         if results:
             print(f"results: {opts.out}/results.json, {opts.out}/results.md")
         return 0

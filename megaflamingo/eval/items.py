@@ -60,22 +60,12 @@ def render_shot(form, task: str, path: str, prompt: str, output: str, options=No
     return prefix, p, ref
 
 
-def training_text(tokenizer, prefix: str, shots: list[tuple[str, str]], query: str, interleaved: bool) -> str:
-    """The training sample text (megaflamingo.data.assemble.build_parts, training form) cut right
-    after the query's ``<SEP>``: ``shots`` are rendered (prompt, answer) context pairs."""
-    from megaflamingo.inference.prompts import EOC, MEDIA
-
-    bos, sep = tokenizer.bos_token, tokenizer.sep_token
-    intro = f"{bos}Here are similar examples. {prefix}" if interleaved else f"{bos}{prefix}"
-    blocks = "".join(f"{MEDIA}{p.strip()}{sep}{o.strip()}{EOC}" for p, o in shots)
-    return f"{intro}{blocks}{MEDIA}{query.strip()}{sep}"
-
-
-def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, suffix: str,
-                limit: Optional[int] = None, allow_outside_root: bool = False) -> tuple[list[EvalItem], dict]:
-    """(items in a fixed order, rendering info). ``form``: ``prompts.TrainingForm`` of the model
-    (``suffix`` is kept for callers; the form's template registry carries the answer suffix)."""
-    from megaflamingo.data.assemble import Source
+def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, limit: Optional[int] = None,
+                allow_outside_root: bool = False) -> tuple[list[EvalItem], dict]:
+    """(items in a fixed order, rendering info). ``form``: ``prompts.TrainingForm`` of the model (its
+    template registry carries the answer suffix)."""
+    from megaflamingo.data.sources import Source
+    from megaflamingo.inference.prompts import Example, fewshot_prompt, single_prompt
 
     from .subsets import subset_filter
 
@@ -120,9 +110,12 @@ def build_items(bench: Benchmark, data_root: str | Path, tokenizer, form, suffix
         prefix, prompt, _ = render_shot(form, task, q.path, raw(q.prompt), g["outputs"][0], options)
         refs = [form.render(task, q.path, raw(q.prompt), o)[2] for o in g["outputs"]]
         # Context shots: never an option list (AF1's training did not show one there).
-        shots = [render_shot(form, task, s.path, raw(s.prompt), s.output, None, context=True)[1:]
-                 for s in it.shots[:-1]]
-        text = training_text(tokenizer, prefix, shots, prompt, src.knn is not None)
+        if src.knn is None:
+            text = single_prompt(tokenizer, prompt, prefix, rendered=True)
+        else:
+            shots = [Example(*render_shot(form, task, s.path, raw(s.prompt), s.output, None, context=True)[1:],
+                             rendered=True) for s in it.shots[:-1]]
+            text = fewshot_prompt(tokenizer, shots, prompt, prefix, mode=it.interleaved or "similar", rendered=True)
         iid = str(ds.text(g["row"], "id"))
         if iid in seen_ids:  # a query listed twice in a kNN manifest
             iid = f"{iid}#{g['j']}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
+
+from megaflamingo.io import atomic_write_json
 
 
 class PredictionsError(ValueError):
@@ -91,7 +93,7 @@ def prepare(out_dir: Path, benchmark: str, settings: dict, resume: bool) -> dict
                                    "resuming would mix two evaluations (use another --out)")
     repair(pred)
     done = load_done(pred)
-    _atomic_json(sett, settings)
+    atomic_write_json(sett, settings)
     return done
 
 
@@ -117,15 +119,3 @@ class Appender:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _atomic_json(path: Path, obj, indent: Optional[int] = 2) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-write_json_atomic = _atomic_json

@@ -67,18 +67,28 @@ def read_done(out: Path) -> set[str]:
 
 
 def eval_text(it: Item, form=None, prefix: Optional[str] = None,
-              prompt_override: Optional[str] = None) -> tuple[str, str, Optional[str]]:
-    """(prefix, prompt, reference) for ``it`` in the form the model's training gave its task
-    (``form``: ``prompts.TrainingForm``); ``prefix`` replaces the task's, ``prompt_override`` the prompt."""
+              prompt_override: Optional[str] = None) -> tuple[str, str, Optional[str], bool]:
+    """(prefix, prompt, reference, rendered) for ``it`` in the form the model's training gave its task
+    (``form``: ``prompts.TrainingForm``); ``prefix`` replaces the task's, ``prompt_override`` the prompt.
+    ``rendered``: the prompt is the trained form already (to be used verbatim, see
+    ``prompts.multi_audio_prompt``), else it is raw text that still gets the training normalisation."""
     prompt = prompt_override or it.prompt
     if not prompt:
         raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
     if form is None or not it.task:
-        return prefix or "", prompt, it.output
+        return prefix or "", prompt, it.output, False
     # rendered from the item's own prompt (it seeds the augmentation choice, as in validation)
     task_pre, trained_prompt, ref = form.render(it.task, it.path, it.prompt or prompt, it.output)
     # --prompt is the user's question as typed; the reference still takes its trained form
-    return (task_pre if prefix is None else prefix), (prompt if prompt_override else trained_prompt), ref
+    pre = task_pre if prefix is None else prefix
+    return (pre, prompt, ref, False) if prompt_override else (pre, trained_prompt, ref, True)
+
+
+def query_text(tokenizer, it: Item, form=None, prefix: Optional[str] = None, prompt_override: Optional[str] = None,
+               suffix: str = ANSWER_SUFFIX) -> tuple[str, Optional[str]]:
+    """(generation prompt, reference) of one item (see :func:`eval_text`)."""
+    pre, prompt, ref, rendered = eval_text(it, form, prefix, prompt_override)
+    return multi_audio_prompt(tokenizer, prompt, 1, pre, suffix, rendered=rendered), ref
 
 
 def items_from_manifest(path: str | os.PathLike, data_root: Optional[str]) -> tuple[list[Item], Optional[str]]:
@@ -146,7 +156,7 @@ def run_batch(
         for lo in range(0, len(todo), batch_size):
             chunk, queries, refs = [], [], []
             for it in todo[lo:lo + batch_size]:
-                pre, prompt, ref = eval_text(it, form, prefix, prompt_override)
+                text, ref = query_text(runner.tok, it, form, prefix, prompt_override, suffix)
                 try:
                     windows = it.windows if it.windows is not None else embed(it)
                 except AudioError as e:
@@ -155,7 +165,7 @@ def run_batch(
                     continue
                 chunk.append(it)
                 refs.append(ref)
-                queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, pre, suffix), [windows], id=it.id))
+                queries.append(Query(text, [windows], id=it.id))
             answers = runner.answer(queries) if queries else []
             for it, ref, ans in zip(chunk, refs, answers):
                 rec = {"id": it.id, "path": it.path, "prompt": prompt_override or it.prompt, "prediction": ans}

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from megaflamingo import synthetic
+from megaflamingo.testing import sounds as synthetic
 
 CLS = f"{synthetic.DATASET}-{synthetic.TASK}"
 CAP = f"{synthetic.DATASET}-{synthetic.CAPTION_TASK}"
@@ -28,8 +28,8 @@ def evalkit(tmp_path_factory):
     """Tiny trained model + Arrow test splits (classification, its kNN manifest, captions)."""
     import yaml
 
-    from inference.helpers import embed_splits, train_and_export
-    from preprocess.cli import main as preprocess_main
+    from megaflamingo.cli.preprocess import main as preprocess_main
+    from tests.inference.helpers import embed_splits, train_and_export
 
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"

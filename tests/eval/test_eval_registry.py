@@ -90,12 +90,13 @@ def test_rendering_follows_the_models_training(evalkit):
     import numpy as np
 
     from megaflamingo.config import DatasetEntry
-    from megaflamingo.data.assemble import SpecialText, Source, build_parts
+    from megaflamingo.data.sources import Source
+    from megaflamingo.data.text import SpecialText, build_parts
     from megaflamingo.data.templates import TemplateRegistry
     from megaflamingo.eval.items import build_items
     from megaflamingo.eval.registry import Benchmark
-    from megaflamingo.inference.prompts import ANSWER_SUFFIX, TrainingForm
-    from megaflamingo.testing import tiny_tokenizer, token_ids
+    from megaflamingo.inference.prompts import TrainingForm
+    from megaflamingo.tokens import tiny_tokenizer
 
     from .conftest import CLS
 
@@ -108,10 +109,10 @@ def test_rendering_follows_the_models_training(evalkit):
                         "ops": [["set_prompt", "classify this sound."], ["append_options"]]}]}
     entry = DatasetEntry(prefix_prob=1.0, augmentations={"provide_all_labels": 1.0})
     trained = TrainingForm(TemplateRegistry.from_config(rules), {f"{CLS}/train": entry})
-    items, info = build_items(b, evalkit["arrow"], tok, trained, ANSWER_SUFFIX, limit=3)
+    items, info = build_items(b, evalkit["arrow"], tok, trained, limit=3)
     assert info["rendering"] == "trained-form" and len(items) == 3
     src = Source(evalkit["arrow"], f"{CLS}/test")
-    sp = SpecialText.from_tokenizer(tok, token_ids(tok))
+    sp = SpecialText.from_tokenizer(tok)
     for k, it in enumerate(items):
         train = build_parts(src.item(k), sp, trained.registry, flamingo_task=CLS, split="train",
                             augmentations=entry.augmentations, prefix_prob=1.0, rng=np.random.default_rng(k)).text
@@ -120,7 +121,7 @@ def test_rendering_follows_the_models_training(evalkit):
         assert "\nOPTIONS:\n - click train.\n - low tone." in it.text and "which sound" not in it.text
         assert it.references == [train[len(cut):].split("<|endofchunk|>")[0]]
     fresh = TrainingForm(TemplateRegistry(), {})
-    items, info = build_items(b, evalkit["arrow"], tok, fresh, ANSWER_SUFFIX, limit=2)
+    items, info = build_items(b, evalkit["arrow"], tok, fresh, limit=2)
     assert info["rendering"].startswith("zero-shot") and info["options_listed"]
     assert items[0].text == ("</s>The task is event classification. <audio>which sound is it?"
                              "\nOPTIONS:\n - alpha.\n - zeta.\nAnswer:<SEP>")
@@ -130,18 +131,18 @@ def test_icl_items_put_neighbours_first(evalkit):
     from megaflamingo.data.templates import TemplateRegistry
     from megaflamingo.eval.items import build_items
     from megaflamingo.eval.registry import Benchmark
-    from megaflamingo.inference.prompts import ANSWER_SUFFIX, TrainingForm
-    from megaflamingo.testing import tiny_tokenizer
+    from megaflamingo.inference.prompts import TrainingForm
+    from megaflamingo.tokens import tiny_tokenizer
 
     from .conftest import CLS
 
     b = Benchmark(name="t", split=f"{CLS}/interleaved_knn-test", type="classification", mode="retrieval-icl",
                   metrics=("accuracy",), primary="accuracy")
-    items, _ = build_items(b, evalkit["arrow"], tiny_tokenizer(), TrainingForm(TemplateRegistry(), {}), ANSWER_SUFFIX)
+    items, _ = build_items(b, evalkit["arrow"], tiny_tokenizer(), TrainingForm(TemplateRegistry(), {}))
     it = items[0]
     assert len(it.audios) == 3 and it.text.count("<audio>") == 3  # k=3: 2 neighbours + the query
     assert it.text.startswith("</s>Here are similar examples. ") and it.text.count("<|endofchunk|>") == 2
-    from megaflamingo import synthetic
+    from megaflamingo.testing import sounds as synthetic
 
     # Each context shot shows its answer (a class label); the query ends at <SEP>.
     answers = [blk.split("<SEP>")[1] for blk in it.text.split("<|endofchunk|>")[:-1]]
