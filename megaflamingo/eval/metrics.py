@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import shutil
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -74,11 +74,38 @@ def tokenize_captions(captions: dict, tokenizer: str = "auto") -> tuple[dict, st
     if tokenizer == "ptb" and not java_available():
         raise MetricUnavailable("the PTB tokenizer needs a Java runtime (apt-get install default-jre-headless)")
     if tokenizer == "ptb" or (tokenizer == "auto" and java_available()):
-        _require_coco()
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb"
+        return ptb_tokenize(captions), "ptb"
     return {k: [_simple_tokenize(c) for c in v] for k, v in captions.items()}, "simple"
+
+
+def ptb_tokenize(captions: dict) -> dict:
+    """pycocoevalcap's ``PTBTokenizer`` (its Stanford CoreNLP jar, flags and punctuation list), with
+    the sentence file in the system temp dir: the library writes that file beside its own jar, which
+    fails on a read-only install (a cluster's shared site-packages). Same output as the library."""
+    import os
+    import subprocess
+    import tempfile
+
+    _require_coco()
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    keys = [k for k, v in captions.items() for _ in v]
+    sentences = "\n".join(c.replace("\n", " ") for v in captions.values() for c in v)
+    fd, name = tempfile.mkstemp(prefix="ptb-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(sentences.encode())
+        proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", name], capture_output=True, check=False)
+    finally:
+        os.remove(name)
+    if proc.returncode != 0:
+        raise MetricUnavailable(f"the PTB tokenizer (java -cp {jar}) failed: {proc.stderr.decode()[-500:]}")
+    out: dict = {}
+    for k, line in zip(keys, proc.stdout.decode().split("\n")):
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return out
 
 
 CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
@@ -169,7 +196,7 @@ class _Closed:
 
 def bleu4(preds: Sequence[str], refs: Sequence[Ref]) -> float:
     """Corpus BLEU-4 as the captioning papers compute it (pycocoevalcap, PTB-tokenised when Java is
-    present). The replacement for the hand-written BLEU-style overlap of batch inference."""
+    present)."""
     return float(caption_scores(preds, refs, ("bleu4",))["bleu4"])
 
 
@@ -286,4 +313,42 @@ def library_versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
+    return out
+
+
+# ------------------------------------------------------------------------- batch inference
+
+
+def summarize_batch(records: Iterable[dict], labels: Optional[Sequence[str]] = None) -> dict:
+    """Metrics of ``megaflamingo-infer --manifest`` predictions (records with a reference under
+    ``output``), through the same library metrics as the benchmarks. An item counts as classification
+    when its reference is one of ``labels`` (without ``labels``: when its task's name contains
+    'Classification'), else as a caption (CIDEr, BLEU-4; one reference each). Answers are compared
+    after AF1's normalisation."""
+    from .normalize import normalizer
+
+    norm = normalizer(["af1"])
+    label_set = {norm(x) for x in labels} if labels else None
+    cls_p, cls_r, cap_p, cap_r = [], [], [], []
+    n = failed = 0
+    for rec in records:
+        if "error" in rec:
+            failed += 1
+            continue
+        ref = rec.get("output")
+        if ref is None:
+            continue
+        n += 1
+        pred = rec.get("prediction", "")
+        if (norm(ref) in label_set) if label_set is not None else "classification" in str(rec.get("task", "")).lower():
+            cls_p.append(norm(pred))
+            cls_r.append(norm(ref))
+        else:
+            cap_p.append(pred)
+            cap_r.append(ref)
+    out: dict = {"n_with_reference": n, "n_failed": failed}
+    if cls_r:
+        out.update(n_classification=len(cls_r), accuracy=accuracy(cls_p, cls_r), macro_f1=macro_f1(cls_p, cls_r))
+    if cap_r:
+        out.update(n_caption=len(cap_r), **caption_scores(cap_p, cap_r, ("cider", "bleu4")))
     return out

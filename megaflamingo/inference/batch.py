@@ -27,7 +27,6 @@ import numpy as np
 
 from megaflamingo.audio.decode import AudioError
 
-from . import metrics as M
 from .prompts import ANSWER_SUFFIX, multi_audio_prompt
 from .runner import Query, Runner
 
@@ -131,11 +130,11 @@ def run_batch(
     prompt_override: Optional[str] = None,
     prefix: Optional[str] = None,
     progress: bool = True,
-    labels: Optional[Sequence[str]] = None,
     suffix: str = ANSWER_SUFFIX,
     form=None,
-) -> dict:
-    """Answer every item not yet in ``out``; return metrics over the whole file.
+) -> int:
+    """Answer every item not yet in ``out``; return how many were answered now (score the whole file
+    with ``megaflamingo.eval.metrics.summarize_batch(iter_records(out))``).
 
     ``form``: how the model's training rendered each task (``prompts.TrainingForm.of(config)``);
     without it items are prompted as given, with ``prefix`` (default none)."""
@@ -180,7 +179,7 @@ def run_batch(
                 bar.update(len(todo[lo:lo + batch_size]))
     if bar is not None:
         bar.close()
-    return M.summarize(iter_records(out), labels=labels)
+    return len(todo)
 
 
 def iter_records(path: Path) -> Iterator[dict]:

@@ -140,6 +140,19 @@ def test_ptb_tokenizer_and_meteor():
     assert 0 <= empty["meteor"] < ptb["meteor"]
 
 
+@pytest.mark.skipif(not M.java_available(), reason="needs a Java runtime")
+def test_ptb_tokenize_equals_the_librarys_tokenizer():
+    """Our call of the library's jar (sentence file in the temp dir, not in site-packages) tokenises
+    exactly as pycocoevalcap's own PTBTokenizer."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    caps = {"a": ["A dog's bark -- twice, far away!", "Rain (heavy) on a tin roof..."],
+            "b": ["don't stop: the café's engine\nidles", "\"Quoted\" text; and `ticks`"], "c": [""]}
+    lib = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
+    assert M.ptb_tokenize(caps) == lib
+    assert lib["a"][0] == "a dog 's bark twice far away"
+
+
 def test_without_java_captions_still_score_and_say_how(monkeypatch):
     monkeypatch.setattr(M, "java_available", lambda: False)
     got = _score(PREDS, CLIPS, ("cider", "meteor"), tokenizer="auto")
@@ -149,11 +162,25 @@ def test_without_java_captions_still_score_and_say_how(monkeypatch):
         _score(PREDS, CLIPS, ("cider",), tokenizer="ptb")
 
 
-def test_bleu4_replacement_for_batch_inference():
-    assert M.bleu4([HYP1, HYP2], [REF1, REF2]) == pytest.approx(
-        M.caption_scores([HYP1, HYP2], [REF1, REF2], ["bleu4"])["bleu4"])
-    with pytest.raises(ValueError, match="predictions"):
-        M.bleu4(["a"], [])
+def test_batch_inference_metrics_are_the_library_metrics():
+    """megaflamingo-infer --manifest scores with the benchmark metrics (sklearn, pycocoevalcap), after
+    AF1's answer normalisation; a caption is one reference per record."""
+    recs = [{"output": "Low tone", "prediction": "low tone.", "task": "X-EventClassification"},
+            {"output": "high tone", "prediction": "low tone", "task": "X-EventClassification"},
+            {"output": HYP_REF[1], "prediction": HYP_REF[0], "task": "X-AudioCaptioning"},
+            {"id": "bad", "error": "unreadable audio"}, {"prediction": "no reference"}]
+    s = M.summarize_batch(recs)
+    assert (s["n_with_reference"], s["n_failed"], s["n_classification"], s["n_caption"]) == (3, 1, 2, 1)
+    assert s["accuracy"] == 0.5 and s["macro_f1"] == pytest.approx(M.macro_f1(["low tone"] * 2, ["low tone", "high tone"]))
+    assert s["bleu4"] == pytest.approx(M.bleu4([HYP_REF[0]], [HYP_REF[1]]))
+    assert s["cider"] == pytest.approx(M.caption_scores([HYP_REF[0]], [HYP_REF[1]], ["cider"])["cider"])
+    # A label list decides what is classification when tasks do not say.
+    by_label = M.summarize_batch([{"output": "dog", "prediction": "dog"}, {"output": "a dog barks", "prediction": "x"}],
+                                 labels=["Dog"])
+    assert by_label["n_classification"] == 1 and by_label["n_caption"] == 1
+
+
+HYP_REF = ("a dog barks twice in the distance", "a dog barks far away in the distance")
 
 
 def test_normalisation():

@@ -1,10 +1,9 @@
-"""Prompt formats (must equal the training text up to <SEP>), metrics, resumable output files."""
+"""Prompt formats (must equal the training text up to <SEP>), resumable output files."""
 import json
 
 import numpy as np
 import pytest
 
-from megaflamingo.inference import metrics as M
 from megaflamingo.inference.batch import read_done
 from megaflamingo.inference.prompts import (Example, chat_prompt, decode_answer, fewshot_prompt, multi_audio_prompt,
                                             single_prompt, task_prefix)
@@ -62,26 +61,6 @@ def test_decode_answer_stops_at_eoc(tiny_tok, tiny_token_ids):
     new = ids + [tiny_token_ids.eoc] + tiny_tok(" junk", add_special_tokens=False)["input_ids"]
     assert decode_answer(tiny_tok, new) == "low tone"
     assert decode_answer(tiny_tok, ids + [tiny_token_ids.pad] * 3) == "low tone"
-
-
-def test_classification_metrics():
-    refs = ["a", "a", "b", "c"]
-    preds = ["A.", "b", "b", "x"]
-    assert M.accuracy(preds, refs) == 0.5
-    # per class F1: a: tp1 fp0 fn1 -> 2/3; b: tp1 fp1 fn0 -> 2/3; c: 0
-    assert M.macro_f1(preds, refs) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
-    with pytest.raises(ValueError):
-        M.accuracy(["a"], [])
-
-
-def test_bleu_style_overlap():
-    assert M.bleu(["a dog barks loudly"], ["a dog barks loudly"]) == pytest.approx(1.0)
-    assert M.bleu(["rain falls"], ["a dog barks loudly"]) == 0.0
-    part = M.bleu(["a dog barks"], [["a dog barks loudly", "the dog is barking"]])
-    assert 0.0 < part < 1.0
-    s = M.summarize([{"output": "a dog barks", "prediction": "a dog barks", "task": "AudioCaptioning"},
-                     {"output": "low tone", "prediction": "low tone", "task": "EventClassification"}])
-    assert s["accuracy"] == 1.0 and s["n_caption"] == 1 and "not CIDEr" in s["bleu_note"]
 
 
 def test_read_done_drops_a_torn_tail(tmp_path):
