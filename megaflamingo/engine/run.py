@@ -20,6 +20,7 @@ from megaflamingo.io import atomic_write_text
 from .build import build_loaders, build_run_model, build_run_tokenizer, lm_hidden_size, load_init_weights
 from .checkpointing import resolve_resume
 from .distributed import World, device_for, init_distributed
+from .evaluation import TaskEval
 from .ds_config import build_ds_config, zero_stage
 from .optim import count_params
 from .trainer import Trainer, TrainResult
@@ -67,7 +68,8 @@ def record_encoder(cfg: Config) -> Optional[Path]:
     return write_encoder_record(cfg.train.run_dir, rec)
 
 
-def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict) -> None:
+def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict,
+               task_eval: Optional[TaskEval] = None) -> None:
     """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate."""
     t = cfg.train
     print(json.dumps({
@@ -80,6 +82,7 @@ def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dic
         "batches_per_epoch_per_rank": len(train_loader),
         "first_batch_shapes": {k: list(v.shape) for k, v in first.items() if hasattr(v, "shape")},
         "config_notes": list(cfg.notes),
+        "eval_benchmarks": {s.bench.name: len(s.items) for s in task_eval.suites} if task_eval else {},
     }, indent=2))
     print(memory_estimate(model, ds_config, world.world_size))
 
@@ -97,15 +100,16 @@ def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResul
         log.info("initialised from %s: %d tensors (%d not in the checkpoint)", cfg.train.init_from,
                  info["loaded"], len(info["missing"]))
     train_loader, valid_loaders = build_loaders(cfg, tok, ids, world.rank, world.world_size)
+    task_eval = TaskEval.from_config(cfg, tok, ids)  # benchmarks checked and rendered before any step
     if dry_run:
         # Tokenisation, templates and collation work on real rows.
         first = next(iter(train_loader))
         if world.is_main:
-            print_plan(cfg, world, model, ds_config, train_loader, first)
+            print_plan(cfg, world, model, ds_config, train_loader, first, task_eval)
         return None
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (AudioFlamingo always is)
-    trainer = Trainer(cfg, model, train_loader, valid_loaders, world, device, ds_config=ds_config)
+    trainer = Trainer(cfg, model, train_loader, valid_loaders, world, device, ds_config=ds_config, task_eval=task_eval)
     if world.is_main:
         record_encoder(cfg)
         atomic_write_text(Path(cfg.train.run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
