@@ -34,7 +34,7 @@ def test_one_process_run_scores_every_kind(evalkit, tmp_path, capsys):
     # Captions: one item per clip, all captions of that clip its references.
     cap = res["synth-cap"]
     recs = read_jsonl(out / "synth-cap.predictions.jsonl")
-    assert cap["n"] == len(recs) == 16 and all(r["references"] for r in recs)
+    assert cap["n"] == len(recs) == 16 and all(len(r["references"]) == 5 for r in recs)
     assert cap["settings"]["rendering"].startswith("zero-shot") and "cider" in cap["metrics"]
     # Each record is the question asked and its answer; the ICL prompt carried 2 examples + the query.
     icl = read_jsonl(out / "synth-cls-icl.predictions.jsonl")
