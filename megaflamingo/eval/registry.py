@@ -42,6 +42,7 @@ class PaperNumber:
     unit: str = ""  # "%" when the paper reports a percentage; our fractions are scaled to match
     table: str = ""
     note: str = ""
+    source: str = ""  # where the number was read (a public document a reader can check)
 
 
 @dataclass(frozen=True)
@@ -242,14 +243,14 @@ def _benchmark(name: str, e: Any, defaults: Mapping, where: str) -> Benchmark:
     if paper is not None:
         if not isinstance(paper, Mapping) or "metric" not in paper or "value" not in paper:
             raise RegistryError(f"{at}: paper needs metric and value (null when unknown)")
-        unknown = set(paper) - {"metric", "value", "unit", "table", "note"}
+        unknown = set(paper) - {"metric", "value", "unit", "table", "note", "source"}
         if unknown:
             raise RegistryError(f"{at}: paper.{sorted(unknown)[0]} is not a known field")
         v = paper["value"]
         if v is not None and not isinstance(v, (int, float)):
             raise RegistryError(f"{at}: paper.value must be a number or null")
         paper = PaperNumber(str(paper["metric"]), None if v is None else float(v), str(paper.get("unit", "")),
-                            str(paper.get("table", "")), str(paper.get("note", "")))
+                            str(paper.get("table", "")), str(paper.get("note", "")), str(paper.get("source", "")))
     return Benchmark(name=name, split=split, type=typ, mode=mode, metrics=metrics, primary=primary,
                      decoding=decoding, normalize=normalize, prompt=e.get("prompt"), options=options,
                      group_references=bool(e.get("group_references", False)),

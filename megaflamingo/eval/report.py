@@ -36,6 +36,11 @@ def results_markdown(doc: dict) -> str:
             ours = e["metrics"].get(e.get("primary"))
         lines.append(f"| {name} | {e['settings'].get('mode', '')} | {shown} | {_cell(_scaled(ours, unit), unit)} | "
                      f"{_cell(paper.get('value'), unit)} | {paper.get('table', '')} | {e.get('n', '')} |")
+    cited = [(n, e["paper"]) for n, e in doc.get("benchmarks", {}).items()
+             if (e.get("paper") or {}).get("value") is not None and (e["paper"].get("source") or e["paper"].get("note"))]
+    if cited:
+        lines += ["", "Where the AF1 numbers come from:", ""]
+        lines += [f"* {n}: " + "; ".join(x for x in (p.get("source"), p.get("note")) if x) for n, p in cited]
     lines += ["", "All metrics:", ""]
     for name, e in doc.get("benchmarks", {}).items():
         vals = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in e["metrics"].items())
