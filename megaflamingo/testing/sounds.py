@@ -17,7 +17,8 @@ Layout written under ``out``::
                                                            name, prompt, output; plus id, label,
                                                            caption, duration)
     manifests/<dataset>-AudioCaptioning/<split>.jsonl     the same clips, one row per reference
-                                                           caption (5 per clip, ids <clip>#k)
+                                                           caption (ids <clip>#k; 5 per clip, in
+                                                           train ``train_references``)
     classes.json                                          labels, caption vocabulary, prompts
 
 Manifest ``name`` paths are relative to ``out`` (pass ``--data-root out`` to preprocessing).
@@ -170,10 +171,17 @@ def generate(
     min_s: float = 3.0,
     max_s: float = 12.0,
     classes: tuple[SoundClass, ...] = CLASSES,
+    train_references: int = 1,
 ) -> SyntheticDataset:
-    """Write the dataset under ``out`` (idempotent: same arguments -> same files)."""
+    """Write the dataset under ``out`` (idempotent: same arguments -> same files).
+
+    ``train_references``: captioning rows per clip in the train split (each row is embedded on its
+    own, so 5 would embed every training clip 5 times); clip i shows references i, i+1, ... (mod 5),
+    so the split still covers every template. Validation and test splits list all five."""
     import soundfile as sf
 
+    if not 1 <= train_references <= N_REFERENCES:
+        raise ValueError(f"train_references must be in 1..{N_REFERENCES}, got {train_references}")
     if min_s <= 0.5 or max_s < min_s:
         raise ValueError(f"need 0.5 < min_s <= max_s, got min_s={min_s}, max_s={max_s}")
     sizes = sizes or SplitSizes()
@@ -208,10 +216,12 @@ def generate(
             [{**_clip(r), "prompt": CLASSIFY_PROMPT, "output": r["label"], "dataset": DATASET, "task": TASK,
               "split": split} for r in rows])
         # AF1's captioning layout (Clotho, AudioCaps): one row per reference caption of a clip.
+        n_refs = train_references if split == "train" else N_REFERENCES
         cap_manifests[split] = _write_jsonl(
             root / "manifests" / f"{DATASET}-{CAPTION_TASK}" / f"{split}.jsonl",
-            [{**_clip(r), "id": f"{r['id']}#{k}", "prompt": CAPTION_PROMPT, "output": ref, "dataset": DATASET,
-              "task": CAPTION_TASK, "split": split} for r in rows for k, ref in enumerate(r["references"])])
+            [{**_clip(r), "id": f"{r['id']}#{k}", "prompt": CAPTION_PROMPT, "output": r["references"][k],
+              "dataset": DATASET, "task": CAPTION_TASK, "split": split}
+             for j, r in enumerate(rows) for k in _reference_ids(j, n_refs)])
         counts[split] = len(rows)
     info = {"dataset": DATASET, "task": TASK, "labels": list(LABELS), "prompt": CLASSIFY_PROMPT,
             "caption_prompt": CAPTION_PROMPT, "classes": [asdict(c) for c in classes],
@@ -220,6 +230,10 @@ def generate(
     (root / "classes.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return SyntheticDataset(root=root, manifests=manifests, caption_manifests=cap_manifests,
                             counts=counts)
+
+
+def _reference_ids(j: int, n: int) -> list[int]:
+    return sorted((j + t) % N_REFERENCES for t in range(n))
 
 
 def _clip(row: dict) -> dict:

@@ -1,5 +1,8 @@
 """Metric values against the libraries' own documented examples, and the captioning wrapper's
 multi-reference behaviour (keys, grouping, tokenisers)."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from megaflamingo.eval import metrics as M
@@ -149,7 +152,10 @@ def test_ptb_tokenize_equals_the_librarys_tokenizer():
     caps = {"a": ["A dog's bark -- twice, far away!", "Rain (heavy) on a tin roof..."],
             "b": ["don't stop: the café's engine\nidles", "\"Quoted\" text; and `ticks`"], "c": [""]}
     lib = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
+    jar_dir = Path(sys.modules[PTBTokenizer.__module__].__file__).parent
+    before = jar_dir.stat().st_mtime_ns  # the library's own call created and removed a file there
     assert M.ptb_tokenize(caps) == lib
+    assert jar_dir.stat().st_mtime_ns == before  # ours wrote nothing beside the jar (read-only installs work)
     assert lib["a"][0] == "a dog 's bark twice far away"
 
 

@@ -58,3 +58,8 @@ def test_captions_describe_each_clip_in_several_references(tmp_path):
         levels.add(loud)
         lengths.add(refs[0]["duration"] > synthetic.LONG_FROM_S)
     assert levels == {True, False} and lengths == {True, False}  # both kinds of clip occur
+    # Training rows: one reference per clip by default, cycling through the five templates.
+    train = synthetic.generate(tmp_path / "t", synthetic.SplitSizes(train=5, val=0, test=0), seed=1)
+    rows = [json.loads(l) for l in train.caption_manifests["train"].read_text().splitlines()]
+    assert len(rows) == 5 * len(synthetic.LABELS) and len({r["name"] for r in rows}) == len(rows)
+    assert {r["id"].rsplit("#", 1)[1] for r in rows} == {"0", "1", "2", "3", "4"}
