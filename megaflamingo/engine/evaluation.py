@@ -9,11 +9,12 @@ rank calls generate equally often (``megaflamingo.eval.evaluate.generate_records
 items the model would refuse are dropped up front, identically on every rank.
 
 Decoding is the registry's (AF1's settings) unless ``train.eval_max_new_tokens`` /
-``train.eval_num_beams`` override it: these numbers show a trend during training; the comparison
-with the paper is ``megaflamingo-eval`` on the finished model.
+``train.eval_num_beams`` override it, and METEOR is left out (see below): these numbers show a trend
+during training; the comparison with the paper is ``megaflamingo-eval`` on the finished model.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class TaskEval:
     def __init__(self, suites: list[Suite], loaded, batch_size: int):
         self.suites, self.loaded, self.batch_size = suites, loaded, batch_size
         self.checked = False
+        self.comms = None  # made at the first evaluation (on NCCL a gloo group of its own: once, not per call)
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer, tokens) -> Optional["TaskEval"]:
@@ -72,6 +74,10 @@ class TaskEval:
         form, suites = TrainingForm.of(cfg), []
         for b in benches:
             b = b.with_decoding(max_new_tokens=t.eval_max_new_tokens, num_beams=t.eval_num_beams)
+            if "meteor" in b.metrics and b.primary != "meteor" and len(b.metrics) > 1:
+                # Its jar loads a 60 MB paraphrase table on every call (tens of seconds per evaluation);
+                # megaflamingo-eval on the finished model reports it.
+                b = dataclasses.replace(b, metrics=tuple(m for m in b.metrics if m != "meteor"))
             items, info = build_items(b, cfg.data.data_root, tokenizer, form, limit=t.eval_max_items)
             if not items:
                 raise ConfigError(f"train.eval_benchmarks: {b.name} ({b.split}) has no items")
@@ -91,7 +97,10 @@ class TaskEval:
         from megaflamingo.eval.evaluate import Comms, generate_records, result_entry
         from megaflamingo.inference.runner import GenerationSettings, Runner
 
-        t0, comms = time.perf_counter(), Comms.current()
+        t0 = time.perf_counter()
+        if self.comms is None:
+            self.comms = Comms.current()
+        comms = self.comms
         self.loaded.model = model
         out = TaskEvalResult()
         for suite in self.suites:

@@ -7,8 +7,8 @@ Clips are seeded, so the whole dataset is a pure function of ``(seed, sizes)``.
 
 Captions describe what varies from clip to clip, not only the class: how loud it is (its peak
 level, quiet below 0.6) and how long (short up to one 7 s encoder window), in five paraphrases per
-clip (different templates and synonyms), so a captioning score rewards hearing the clip, and
-every clip has several references as in Clotho/AudioCaps.
+clip (different templates and wordings), so a captioning score rewards hearing the clip, and every
+clip has several references as in Clotho/AudioCaps.
 
 Layout written under ``out``::
 
@@ -53,17 +53,17 @@ class SoundClass:
     hi: float = 0.0
 
 
+# Caption words are the tiny tokenizer's own (megaflamingo.tokens), so a caption is a few tokens long.
 CLASSES: tuple[SoundClass, ...] = (
-    SoundClass("low tone", "tone", ("low pitched tone", "deep tone", "low steady tone"), "hums", 180.0, 320.0),
-    SoundClass("high tone", "tone", ("high pitched tone", "shrill tone", "high steady tone"), "beeps", 1800.0, 2600.0),
-    SoundClass("rising chirp", "chirp", ("rising chirp", "upward sweep", "tone sweeping upward"), "rises",
-               300.0, 1000.0),
-    SoundClass("falling chirp", "chirp", ("falling chirp", "downward sweep", "tone sweeping downward"), "falls",
+    SoundClass("low tone", "tone", ("low pitched tone", "low tone", "low hum"), "hums", 180.0, 320.0),
+    SoundClass("high tone", "tone", ("high pitched tone", "high tone", "high beep"), "beeps", 1800.0, 2600.0),
+    SoundClass("rising chirp", "chirp", ("rising chirp", "rising sweep", "upward sweep"), "rises", 300.0, 1000.0),
+    SoundClass("falling chirp", "chirp", ("falling chirp", "falling sweep", "downward sweep"), "falls",
                5000.0, 3000.0),
-    SoundClass("white noise", "white_noise", ("white noise", "bright hiss", "hissing noise"), "hisses"),
-    SoundClass("pink noise", "pink_noise", ("pink noise", "dark rumble", "rumbling noise"), "rumbles"),
-    SoundClass("click train", "clicks", ("train of clicks", "clicking sound", "series of short clicks"), "repeats"),
-    SoundClass("modulated tone", "am_tone", ("pulsing tone", "wavering tone", "tone that swells and fades"), "pulses",
+    SoundClass("white noise", "white_noise", ("white noise", "bright hiss", "bright white noise"), "hisses"),
+    SoundClass("pink noise", "pink_noise", ("pink noise", "dark noise", "dark pink noise"), "rumbles"),
+    SoundClass("click train", "clicks", ("click train", "train of clicks", "clicking sound"), "repeats"),
+    SoundClass("modulated tone", "am_tone", ("modulated tone", "pulsing tone", "amplitude modulated tone"), "pulses",
                1100.0, 1500.0),
 )
 LABELS = tuple(c.label for c in CLASSES)
@@ -75,36 +75,23 @@ CAPTION_PROMPT = "describe this sound in detail."
 
 LOUD_FROM = 0.6  # peak level: clips are drawn in [0.3, 0.9]
 LONG_FROM_S = 7.0  # longer than one encoder window
-_LEVEL = {False: {"adj": ("quiet", "soft", "faint"), "adv": ("quietly", "softly", "faintly")},
-          True: {"adj": ("loud", "strong", "powerful"), "adv": ("loudly", "strongly", "powerfully")}}
-_LENGTH = {False: {"adv": ("briefly", "for a moment", "for a short time"), "adj": ("short", "brief"),
-                   "noun": ("a moment", "only a few seconds")},
-           True: {"adv": ("for a long time", "for several seconds", "at length"), "adj": ("long", "lasting"),
-                  "noun": ("a long time", "many seconds")}}
+_LEVEL = {False: "quiet", True: "loud"}
+_LENGTH = {False: "short", True: "long"}
 _TEMPLATES = (
-    "a {lvl} {subj} {verb} {dur}",
-    "a {subj} {verb} {lvl_adv} {dur}",
-    "a {dur_adj}, {lvl} {subj}",
-    "the sound of a {lvl} {subj} that lasts {dur_noun}",
-    "a {subj} that is {lvl} and {dur_adj}",
+    "a {len} {lvl} {subj}",
+    "a {lvl} {subj}, {len}",
+    "a {subj} that {verb}, {lvl} and {len}",
+    "the sound is a {len} {lvl} {subj}",
+    "a {lvl} {subj} {verb}, {len}",
 )
 N_REFERENCES = len(_TEMPLATES)
 
 
 def captions(cls: SoundClass, level: float, seconds: float, rng: np.random.Generator) -> list[str]:
-    """The clip's reference captions: one per template, synonyms drawn from ``rng``."""
-    subjects, verb = cls.subjects, cls.verb
-    loud, long_ = level >= LOUD_FROM, seconds > LONG_FROM_S
-
-    def pick(xs):
-        return xs[int(rng.integers(len(xs)))]
-
-    out = []
-    for t in _TEMPLATES:
-        out.append(t.format(subj=pick(subjects), verb=verb, lvl=pick(_LEVEL[loud]["adj"]),
-                            lvl_adv=pick(_LEVEL[loud]["adv"]), dur=pick(_LENGTH[long_]["adv"]),
-                            dur_adj=pick(_LENGTH[long_]["adj"]), dur_noun=pick(_LENGTH[long_]["noun"])))
-    return out
+    """The clip's reference captions: one per template, the class's wording drawn from ``rng``."""
+    lvl, length = _LEVEL[level >= LOUD_FROM], _LENGTH[seconds > LONG_FROM_S]
+    return [t.format(subj=cls.subjects[int(rng.integers(len(cls.subjects)))], verb=cls.verb, lvl=lvl, len=length)
+            for t in _TEMPLATES]
 
 
 @dataclass
