@@ -48,7 +48,7 @@ BENCHMARKS = {
                       "metrics": ["accuracy", "macro_f1"], "notes": "8 synthetic sound classes (chance 12.5%)"},
         "synth-cap": {"split": f"{CAP_NAME}/test", "type": "caption", "mode": "in-distribution",
                       "group_references": True, "metrics": ["cider", "bleu4", "rouge_l", "meteor"],
-                      "decoding": {"max_new_tokens": 20},
+                      "decoding": {"max_new_tokens": 24},
                       "notes": "5 reference captions per clip (class, loudness, length)"},
     },
 }
