@@ -4,6 +4,8 @@ A reader (or a resumed job) must never see half a file: data goes to a temp file
 directory, is flushed to disk, then renamed over the target, and the directory entry itself is
 flushed, so after a power loss the path holds either the old or the new content. Finished files get
 the permissions the user's umask gives (``mkstemp``'s 0600 would hide run records from colleagues).
+Append-only JSONL files (predictions written as they come) get the other half of crash safety:
+:func:`cut_torn_tail` drops the partial last line a kill can leave.
 """
 from __future__ import annotations
 
@@ -66,3 +68,28 @@ def atomic_write_json(path: PathLike, obj: Any, sort_keys: bool = True) -> None:
     """JSON with a trailing newline; sorted keys by default so reruns write identical bytes."""
     text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
     atomic_write_text(path, text)
+
+
+def cut_torn_tail(path: PathLike) -> int:
+    """Cut an append-only JSONL file (records written whole, newline last) back to its last complete
+    line, the only damage a kill during a write can leave; returns the bytes removed. Reads back from
+    the end only as far as the last newline."""
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        back = min(size, 1 << 16)
+        while True:
+            f.seek(size - back)
+            nl = f.read(back).rfind(b"\n")
+            if nl >= 0 or back == size:
+                break
+            back = min(size, back * 4)
+    end = size - back + nl + 1 if nl >= 0 else 0
+    if end < size:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - end

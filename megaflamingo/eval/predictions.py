@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from megaflamingo.io import atomic_write_json
+from megaflamingo.io import atomic_write_json, cut_torn_tail
 
 
 class PredictionsError(ValueError):
@@ -26,32 +26,6 @@ def predictions_path(out_dir: str | Path, benchmark: str) -> Path:
 
 def settings_path(out_dir: str | Path, benchmark: str) -> Path:
     return Path(out_dir) / f"{benchmark}.settings.json"
-
-
-def repair(path: Path) -> int:
-    """Drop a torn last line; return the number of bytes cut."""
-    if not path.is_file():
-        return 0
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    with open(path, "rb") as f:
-        # The torn tail is after the last newline; read back only as far as needed to find it.
-        back = min(size, 1 << 20)
-        while True:
-            f.seek(size - back)
-            chunk = f.read(back)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0 or back == size:
-                break
-            back = min(size, back * 2)
-    end = (size - back + nl + 1) if nl >= 0 else 0
-    if end < size:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    return size - end
 
 
 def iter_records(path: Path) -> Iterator[dict]:
@@ -91,7 +65,7 @@ def prepare(out_dir: Path, benchmark: str, settings: dict, resume: bool) -> dict
             k = diff[0]
             raise PredictionsError(f"{pred}: was produced with {k}={old.get(k)!r}, this run has {settings.get(k)!r}; "
                                    "resuming would mix two evaluations (use another --out)")
-    repair(pred)
+    cut_torn_tail(pred)
     done = load_done(pred)
     atomic_write_json(sett, settings)
     return done

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from megaflamingo.audio.decode import AudioError
+from megaflamingo.io import cut_torn_tail
 
 from .prompts import ANSWER_SUFFIX, multi_audio_prompt
 from .runner import Query, Runner
@@ -46,13 +47,9 @@ def read_done(out: Path) -> set[str]:
     """Ids already written; drops a torn final line (the only line a kill can leave half-written)."""
     if not out.is_file():
         return set()
-    raw = out.read_bytes()
-    end = raw.rfind(b"\n") + 1  # records are written whole, newline last: anything after is torn
-    if end < len(raw):
-        with open(out, "r+b") as f:
-            f.truncate(end)
+    cut_torn_tail(out)
     done: set[str] = set()
-    for n, line in enumerate(raw[:end].splitlines(), 1):
+    for n, line in enumerate(out.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
