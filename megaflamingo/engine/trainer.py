@@ -294,14 +294,14 @@ class Trainer:
         if self.step % t.logging_steps == 0 or last or len(result.losses) == 1:
             self._log_window(metrics, window, time.perf_counter() - window.started)
             window = Window()
-        if self.step % t.eval_steps == 0 or last:
+        if (self.valid_loaders or self.task_eval is not None) and (self.step % t.eval_steps == 0 or last):
             t0 = time.perf_counter()
             if self.valid_loaders:
                 result.valid = self.validate()
                 self._log_validation(metrics, result.valid, time.perf_counter() - t0)
             if self.task_eval is not None:
                 result.eval = self._task_eval(metrics)
-            window.started = time.perf_counter()  # evaluation is not training throughput
+            window.started += time.perf_counter() - t0  # evaluation is not training throughput
         stop = any_rank(stop_request.requested())
         if stop or self.step % t.save_steps == 0 or last:
             self._save()
