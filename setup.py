@@ -18,7 +18,11 @@ setup(
     packages=find_packages(include=["megaflamingo", "megaflamingo.*"]),
     # The DeepSpeed JSONs and stage configs ship inside the package (megaflamingo/resources/ links to the
     # checkout's ds_configs/ and configs/), so an installed package finds them from any directory.
-    package_data={"megaflamingo.resources": ["ds_configs/*.json", "ds_configs/*.md", "configs/*.yaml"]},
+    # The benchmark registry (megaflamingo/eval/*.yaml) is data of the eval package.
+    package_data={
+        "megaflamingo.resources": ["ds_configs/*.json", "ds_configs/*.md", "configs/*.yaml"],
+        "megaflamingo.eval": ["*.yaml"],
+    },
     install_requires=[
         "torch>=2.1",
         "transformers>=4.45",
@@ -52,6 +56,9 @@ setup(
         ],
         # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): see README.
         "gpu": ["flash-attn>=2.5"],
+        # megaflamingo-eval: captioning metrics (needs a Java runtime: apt default-jre-headless) and
+        # classification / multi-label metrics.
+        "eval": ["pycocoevalcap>=1.2", "scikit-learn>=1.3"],
         "mpi": ["mpi4py>=3.1"],
         "dev": [
             "pytest>=8",
@@ -67,6 +74,7 @@ setup(
             "megaflamingo-train=megaflamingo.cli.train:main",
             "megaflamingo-convert=megaflamingo.cli.convert:main",
             "megaflamingo-infer=megaflamingo.cli.infer:main",
+            "megaflamingo-eval=megaflamingo.cli.eval:main",
         ]
     },
 )

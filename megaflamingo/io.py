@@ -7,7 +7,9 @@ the permissions the user's umask gives (``mkstemp``'s 0600 would hide run record
 
 Also here, because every layer needs them and this module depends on nothing: the CRC-32 of a file
 (checkpoint and dataset-shard integrity records) and the one check that a path from a manifest or a
-config stays inside its root, also through symlinks.
+config stays inside its root, also through symlinks. Append-only JSONL files (predictions written
+as they come) get the other half of crash safety: :func:`cut_torn_tail` drops the partial last line
+a kill can leave.
 """
 from __future__ import annotations
 
@@ -141,3 +143,28 @@ def path_inside(root: PathLike, rel: PathLike, allow_outside: bool = False) -> P
     if not _under(real, os.path.realpath(lexical_root)):
         raise PathEscapeError(f"{rel!r} leads outside {lexical_root} through a symlink (to {real})", "symlink")
     return Path(full)
+
+
+def cut_torn_tail(path: PathLike) -> int:
+    """Cut an append-only JSONL file (records written whole, newline last) back to its last complete
+    line, the only damage a kill during a write can leave; returns the bytes removed. Reads back from
+    the end only as far as the last newline."""
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        back = min(size, 1 << 16)
+        while True:
+            f.seek(size - back)
+            nl = f.read(back).rfind(b"\n")
+            if nl >= 0 or back == size:
+                break
+            back = min(size, back * 4)
+    end = size - back + nl + 1 if nl >= 0 else 0
+    if end < size:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - end

@@ -2,15 +2,19 @@
 
     python -m megaflamingo.quickstart --out runs/quickstart        # `make quickstart`
 
-1. generate a labelled synthetic audio dataset (8 sound classes, 3-12 s clips; megaflamingo.testing.sounds)
+1. generate a labelled synthetic audio dataset (8 sound classes, 3-12 s clips, 5 captions per clip
+   describing its class, loudness and length; megaflamingo.testing.sounds)
 2. preprocess it to Arrow with the `tiny` encoder (`megaflamingo-preprocess embed`) and build
    kNN few-shot manifests (`megaflamingo-preprocess knn`)
-3. train a tiny model with DeepSpeed ZeRO-3 on 2 CPU processes (`torchrun ... megaflamingo-train`),
-   TensorBoard logs under <run_dir>/tensorboard
+3. train a tiny model on classification + captioning with DeepSpeed ZeRO-3 on 2 CPU processes
+   (`torchrun ... megaflamingo-train`), TensorBoard logs under <run_dir>/tensorboard, with task
+   metrics (accuracy, CIDEr) and the cross-attention gates charted during training
 4. consolidate, export and split the checkpoint (`megaflamingo-convert zero-to-fp32 / export / split`)
 5. answer the classification prompt on the held-out test clips (`megaflamingo-infer --manifest`),
    computing their embeddings from the audio files in-process, and score the answers
-6. print where everything is and write <out>/summary.json
+6. score both test sets with `megaflamingo-eval` (2 processes; the benchmarks are <out>/benchmarks.yaml,
+   a user registry), into <out>/eval/results.{json,md}
+7. print where everything is and write <out>/summary.json
 
 Every step is the real console script run as a subprocess (exactly what a user would type; the
 commands are echoed and logged under <out>/logs/). A step whose outputs exist is skipped on a rerun
@@ -34,6 +38,20 @@ from megaflamingo.config.loader import resolve_config_path
 from megaflamingo.testing import sounds as synthetic
 
 DS_NAME = f"{synthetic.DATASET}-{synthetic.TASK}"
+CAP_NAME = f"{synthetic.DATASET}-{synthetic.CAPTION_TASK}"
+# The quickstart's benchmarks: a user registry beside the built-in AF1 one (docs/evaluation.md).
+BENCHMARKS = {
+    "version": 1,
+    "defaults": {"decoding": {"num_beams": 1, "do_sample": False, "max_new_tokens": 8}},
+    "benchmarks": {
+        "synth-cls": {"split": f"{DS_NAME}/test", "type": "classification", "mode": "in-distribution",
+                      "metrics": ["accuracy", "macro_f1"], "notes": "8 synthetic sound classes (chance 12.5%)"},
+        "synth-cap": {"split": f"{CAP_NAME}/test", "type": "caption", "mode": "in-distribution",
+                      "group_references": True, "metrics": ["cider", "bleu4", "rouge_l", "meteor"],
+                      "decoding": {"max_new_tokens": 24},
+                      "notes": "5 reference captions per clip (class, loudness, length)"},
+    },
+}
 
 
 class QuickstartError(RuntimeError):
@@ -54,6 +72,9 @@ class Options:
     seed: int = 0
     knn_k: int = 4
     knn_weight: float = 0.5
+    caption_weight: float = 0.5
+    eval_steps: int = 100
+    eval_max_items: int = 16
     max_fewshot: int = 4
     min_accuracy: float = 0.9
     fresh: bool = False
@@ -75,6 +96,8 @@ class Pipeline:
         self.export = self.out / "export"
         self.parts = self.out / "export_parts"
         self.preds = self.out / "predictions.jsonl"
+        self.eval_dir = self.out / "eval"
+        self.registry = self.out / "benchmarks.yaml"
         self.logs = self.out / "logs"
         self.timings: dict[str, float] = {}
 
@@ -126,17 +149,18 @@ class Pipeline:
         for split, n in ds.counts.items():
             print(f"  {split}: {n} clips -> {ds.manifests[split]}")
 
-    def manifest(self, split: str) -> Path:
-        return self.data / "manifests" / DS_NAME / f"{split}.jsonl"
+    def manifest(self, split: str, ds: str = DS_NAME) -> Path:
+        return self.data / "manifests" / ds / f"{split}.jsonl"
 
-    def split_dir(self, split: str) -> Path:
-        return self.arrow / DS_NAME / split
+    def split_dir(self, split: str, ds: str = DS_NAME) -> Path:
+        return self.arrow / ds / split
 
     def embed(self) -> None:
-        for split in ("train", "val", "test"):
-            self.sh(f"embed-{split}", _py_module("megaflamingo.cli.preprocess") + [
-                "embed", "--manifest", self.manifest(split), "--data-root", self.data,
-                "--out", self.split_dir(split), "--encoder", "tiny", "--embed-dim", self.o.embed_dim,
+        jobs = [(DS_NAME, s) for s in ("train", "val", "test")] + [(CAP_NAME, s) for s in ("train", "test")]
+        for ds, split in jobs:
+            self.sh(f"embed-{ds}-{split}", _py_module("megaflamingo.cli.preprocess") + [
+                "embed", "--manifest", self.manifest(split, ds), "--data-root", self.data,
+                "--out", self.split_dir(split, ds), "--encoder", "tiny", "--embed-dim", self.o.embed_dim,
                 "--workers", "1", "--batch-size", "16", "--no-progress"])
 
     def knn(self) -> None:
@@ -169,20 +193,31 @@ class Pipeline:
         # Must describe the preprocessed data exactly (the data loader checks it against metadata.json).
         enc.update(name="tiny", random_init=True, embed_dim=o.embed_dim, sample_rate=44100, window_s=7.0,
                    overlap_s=5.25, max_windows=16)
-        blend = {f"{DS_NAME}/train": {"weight": 1.0, "prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}}
+        plain = {"prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}
+        blend = {f"{DS_NAME}/train": {"weight": 1.0, **plain}}
         if o.knn_k > 1:
-            blend[f"{DS_NAME}/interleaved_knn-train"] = {"weight": o.knn_weight, "prefix_prob": 0.0,
-                                                        "augmentations": {"do_nothing": 1.0}}
+            blend[f"{DS_NAME}/interleaved_knn-train"] = {"weight": o.knn_weight, **plain}
+        if o.caption_weight > 0:
+            blend[f"{CAP_NAME}/train"] = {"weight": o.caption_weight, **plain}
         data.update(data_root=str(self.arrow), blend=blend, valid=[f"{DS_NAME}/val"], max_tokens=512,
                     num_workers=0)
         train.update(run_dir=str(self.run_dir), stage="pretrain", micro_batch_size=o.micro_batch_size,
                      gradient_accumulation_steps=1, lr=o.lr, lr_scheduler="constant", warmup_steps=10,
                      precision="fp32", max_steps=o.steps, seed=o.seed, logging_steps=10,
-                     eval_steps=max(o.steps // 2, 1), save_steps=o.steps, keep_last=1)
+                     eval_steps=min(o.eval_steps, o.steps), save_steps=o.steps, keep_last=1,
+                     # Task metrics in TensorBoard while it trains (eval/synth-cls/accuracy, eval/synth-cap/cider).
+                     eval_benchmarks=list(BENCHMARKS["benchmarks"]), eval_registry=[str(self.write_registry())],
+                     eval_max_items=o.eval_max_items, eval_batch_size=o.eval_max_items)
         path = self.out / "config.yaml"
         path.write_text("# written by megaflamingo.quickstart from " + o.config + "\n"
                         + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
         return path
+
+    def write_registry(self) -> Path:
+        import yaml
+
+        self.registry.write_text(yaml.safe_dump(BENCHMARKS, sort_keys=False), encoding="utf-8")
+        return self.registry
 
     def train(self) -> None:
         cfg = self.write_config()
@@ -210,6 +245,21 @@ class Pipeline:
             "--out", self.preds, "--batch-size", "16", "--max-new-tokens", "8",
             "--metrics-out", self.out / "metrics.json"])
 
+    def evaluate(self) -> None:
+        """Both test sets through the benchmark runner, split over ``nproc`` processes. Runs only while
+        results.json is missing: predictions left by an interrupted run may be a previous model's."""
+        if self.eval_dir.exists():
+            shutil.rmtree(self.eval_dir)
+        self.sh("eval", _py_module("torch.distributed.run") + [
+            "--standalone", "--nnodes", "1", "--nproc_per_node", self.o.nproc, "-m", "megaflamingo.cli.eval",
+            "--model", self.export, "--data-root", self.arrow, "--benchmarks", ",".join(BENCHMARKS["benchmarks"]),
+            "--registry", self.write_registry(), "--out", self.eval_dir, "--batch-size", "16", "--no-progress"])
+
+    def eval_summary(self) -> dict:
+        """``{benchmark: {metric: value}}`` of ``eval/results.json``."""
+        res = json.loads((self.eval_dir / "results.json").read_text())["benchmarks"]
+        return {name: dict(entry["metrics"]) for name, entry in res.items()}
+
     # ---------------------------------------------------------------- driver
     def run(self) -> dict:
         t_start = time.time()
@@ -224,10 +274,12 @@ class Pipeline:
         if self.preds.exists() and self.o.fresh:
             self.preds.unlink()
         self.step("infer", self.out / "metrics.json", self.infer)
+        self.step("eval", self.eval_dir / "results.json", self.evaluate)
         metrics = json.loads((self.out / "metrics.json").read_text())
         summary = {
             "accuracy": metrics.get("accuracy"),
             "macro_f1": metrics.get("macro_f1"),
+            "eval": self.eval_summary(),
             "n_eval": metrics.get("n_classification", metrics.get("n_with_reference")),
             "n_classes": len(synthetic.LABELS),
             "chance": 1.0 / len(synthetic.LABELS),
@@ -238,6 +290,7 @@ class Pipeline:
             "export_dir": str(self.export),
             "split_dir": str(self.parts),
             "predictions": str(self.preds),
+            "eval_dir": str(self.eval_dir),
             "data_dir": str(self.data),
             "arrow_dir": str(self.arrow),
             "timings_s": self.timings,
@@ -253,12 +306,16 @@ class Pipeline:
         print("\n" + "=" * 72)
         print(f"held-out accuracy: {acc:.1%} on {s['n_eval']} test clips "
               f"({s['n_classes']} classes, chance {s['chance']:.1%})")
+        for name, vals in s["eval"].items():
+            print(f"megaflamingo-eval {name:9s}: " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items()
+                                                           if isinstance(v, float)))
         print(f"TensorBoard logs : {s['tensorboard_dir']}")
         print(f"  open with      : tensorboard --logdir {shlex.quote(s['tensorboard_dir'])}")
         print(f"checkpoint       : {s['checkpoint_dir']} (DeepSpeed ZeRO-3)")
         print(f"exported model   : {s['export_dir']}")
         print(f"split parts      : {s['split_dir']}")
         print(f"predictions      : {s['predictions']}")
+        print(f"benchmark results: {Path(s['eval_dir']) / 'results.md'}")
         print(f"summary          : {Path(self.out) / 'summary.json'}")
         print(f"try it           : megaflamingo-infer --model {shlex.quote(s['export_dir'])} "
               f"--audio {shlex.quote(str(Path(s['data_dir']) / 'audio/test/rising_chirp_000.wav'))} "

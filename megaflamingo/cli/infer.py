@@ -176,16 +176,18 @@ def _chat(a, loaded, runner, embedder) -> int:
 
 
 def _batch(a, loaded, settings, embedder) -> int:
-    from megaflamingo.inference.batch import batch_items, run_batch
+    from megaflamingo.eval.metrics import summarize_batch
+    from megaflamingo.inference.batch import batch_items, iter_records, run_batch
     from megaflamingo.inference.prompts import TrainingForm, answer_suffix
     from megaflamingo.inference.runner import Runner
 
     if not a.out:
         raise ValueError("--manifest needs --out predictions.jsonl")
     items, embed = batch_items(loaded, a.manifest, a.data_root, embedder, a.allow_outside_root, a.task, a.limit)
-    metrics = run_batch(Runner(loaded, settings), items, a.out, embed=embed, batch_size=a.batch_size,
-                        prompt_override=a.prompt, prefix=a.prefix, progress=not a.no_progress,
-                        suffix=answer_suffix(loaded.config), form=TrainingForm.of(loaded.config))
+    run_batch(Runner(loaded, settings), items, a.out, embed=embed, batch_size=a.batch_size,
+              prompt_override=a.prompt, prefix=a.prefix, progress=not a.no_progress,
+              suffix=answer_suffix(loaded.config), form=TrainingForm.of(loaded.config))
+    metrics = summarize_batch(iter_records(Path(a.out)))
     metrics["predictions"] = str(a.out)
     if a.metrics_out:
         Path(a.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -101,6 +101,17 @@ class TrainConfig:
     max_bad_row_fraction: float = 0.01
     # Validation: at most this many batches per validation set (None = all).
     eval_max_batches: Optional[int] = None
+    # Generation-based task metrics every eval_steps (TensorBoard eval/<benchmark>/<metric>): names
+    # from the evaluation registry (docs/evaluation.md), the first eval_max_items items of each,
+    # split over the ranks. eval_registry: extra registry YAML files; eval_batch_size: generation
+    # batch per rank (None = micro_batch_size); eval_max_new_tokens / eval_num_beams override the
+    # registry's decoding (training-time numbers are a trend; megaflamingo-eval gives the real ones).
+    eval_benchmarks: list[str] = field(default_factory=list)
+    eval_max_items: int = 32
+    eval_registry: list[str] = field(default_factory=list)
+    eval_batch_size: Optional[int] = None
+    eval_max_new_tokens: Optional[int] = None
+    eval_num_beams: Optional[int] = None
     # Seconds a collective may block before the job fails (a dead rank must not hang the job).
     dist_timeout_s: int = 600
     # Seconds the other ranks wait while rank 0 converts a checkpoint to DeepSpeed's universal format

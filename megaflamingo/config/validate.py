@@ -34,6 +34,11 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             bad(name, f"must be > 0, got {value!r}")
+    for name in ("eval_batch_size", "eval_max_new_tokens", "eval_num_beams"):
+        if getattr(t, name) is not None and getattr(t, name) <= 0:
+            bad(f"train.{name}", f"must be > 0 (or null), got {getattr(t, name)}")
+    if t.eval_benchmarks and t.eval_max_items <= 0:
+        bad("train.eval_max_items", f"must be > 0, got {t.eval_max_items}")
     if t.max_steps is not None and t.max_steps <= 0:
         bad("train.max_steps", f"must be > 0, got {t.max_steps}")
     if t.warmup_steps < 0:

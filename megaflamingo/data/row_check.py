@@ -5,7 +5,7 @@ row id) and kill the job. Instead the sample builder checks each row (:func:`bad
 microseconds per row) and hands the collator a marker instead of a sample; the collator drops it and
 reports it under ``batch["bad_rows"]``; the loader's :class:`RowTally` logs the dataset and row id and
 counts it (part of the loader state, so a resumed run keeps counting); the trainer sums the counts over
-ranks (``train/bad_rows``) and :class:`FractionBudget` stops the run once more than
+ranks (``data/bad_rows``) and :class:`FractionBudget` stops the run once more than
 ``train.max_bad_row_fraction`` of the rows seen were bad. The same budget, with its own limit
 (``train.max_nonfinite_fraction``), bounds the micro-batches the trainer skips for a non-finite loss.
 """

@@ -13,7 +13,7 @@ are built from the same layout functions, cut after the last ``<SEP>``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -101,6 +101,20 @@ def prompt_text(text: str, sp: SpecialText) -> str:
     if cut < 0:
         raise ValueError("prompt_text: the text has no <SEP> to answer after")
     return text[:cut + len(sp.sep)]
+
+
+def query_text(sp: SpecialText, prefix: str, query: str, shots: Sequence[tuple[str, str]] = (),
+               fewshot: Optional[str] = None, extra_audios: int = 0) -> str:
+    """What the model continues at generation time, in the *training* layout: the sample whose final
+    answer is still to be written, cut right after that answer's ``<SEP>``. ``query`` and the context
+    ``shots`` ((prompt, output) pairs) must already be in their trained form (a template's output,
+    e.g. ``TemplateRegistry.augment``): they are only stripped, as training strips them, never
+    re-cased (an option list training appended as ``\nOPTIONS:`` stays upper-case). ``fewshot``
+    ("similar" / "random") opens with the few-shot intro; ``extra_audios`` puts more ``<audio>``
+    before the query's own (several clips, one question)."""
+    intro = single_intro(sp, prefix) if fewshot is None else fewshot_intro(sp, fewshot, prefix)
+    blocks = "".join(answer_block(sp, p.strip(), o.strip()) for p, o in shots)
+    return prompt_text(intro + blocks + MEDIA * extra_audios + answer_block(sp, query.strip(), ""), sp)
 
 
 def build_text(item: Item, sp: SpecialText, registry: TemplateRegistry, **kw) -> str:

@@ -1,31 +1,17 @@
 """Training metrics: TensorBoard scalars under ``<run_dir>/tensorboard/``, a rank-0 progress bar and a
 concise log line. Only rank 0 writes; other ranks get a no-op logger.
 
-Tag names (tests read them back): ``train/loss``, ``train/loss/<dataset>``, ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/mfu``,
-``train/data_wait_s``, ``train/step_time_s``, ``train/peak_mem_gb``, ``train/nonfinite_skipped``,
-``train/bad_rows``, ``valid/loss``, ``valid/loss/<dataset>``; text: ``checkpoint/resume`` (tags a resume
-passed over, and why).
+Tag names and families: :mod:`megaflamingo.engine.tags`.
 """
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
 
 log = logging.getLogger("megaflamingo.train")
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by torch, or the process's peak RSS on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def tag_safe(name: str) -> str:
@@ -60,6 +46,21 @@ class MetricsLogger:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag_safe(tag), text, step)
+
+    def hparams(self, hparams: dict, metric_tags: Sequence[str]) -> None:
+        """The run's settings in TensorBoard's HPARAMS tab, with ``metric_tags`` (scalars) beside them.
+        Written into this run's own event file: ``SummaryWriter.add_hparams`` would start a sub-run."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, {t: 0.0 for t in metric_tags}):
+            self.writer.file_writer.add_summary(summary)
+
+    def layout(self, layout: dict) -> None:
+        """TensorBoard's Custom Scalars tab (several tags in one chart)."""
+        if self.writer is not None:
+            self.writer.add_custom_scalars(layout)
 
     def progress(self, step: int, loss: float) -> None:
         if self.bar is not None:

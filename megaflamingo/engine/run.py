@@ -20,6 +20,7 @@ from megaflamingo.io import atomic_write_text
 from .build import build_loaders, build_run_model, build_run_tokenizer, lm_hidden_size, load_init_weights
 from .checkpointing import resolve_resume, verify_on_all_ranks
 from .distributed import World, device_for, init_distributed
+from .evaluation import TaskEval
 from .ds_config import build_ds_config, zero_stage
 from .optim import count_params
 from .run_lock import take_run_lock
@@ -68,7 +69,8 @@ def record_encoder(cfg: Config) -> Optional[Path]:
     return write_encoder_record(cfg.train.run_dir, rec)
 
 
-def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict) -> None:
+def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict,
+               task_eval: Optional[TaskEval] = None) -> None:
     """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate."""
     t = cfg.train
     print(json.dumps({
@@ -81,6 +83,7 @@ def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dic
         "batches_per_epoch_per_rank": len(train_loader),
         "first_batch_shapes": {k: list(v.shape) for k, v in first.items() if hasattr(v, "shape")},
         "config_notes": list(cfg.notes),
+        "eval_benchmarks": {s.bench.name: len(s.items) for s in task_eval.suites} if task_eval else {},
     }, indent=2))
     print(memory_estimate(model, ds_config, world.world_size))
 
@@ -116,15 +119,16 @@ def _run(cfg: Config, world: World, device: torch.device, dry_run: bool) -> Opti
         log.info("initialised from %s: %d tensors (%d not in the checkpoint)", cfg.train.init_from,
                  info["loaded"], len(info["missing"]))
     train_loader, valid_loaders = build_loaders(cfg, tok, ids, world.rank, world.world_size)
+    task_eval = TaskEval.from_config(cfg, tok, ids)  # benchmarks checked and rendered before any step
     if dry_run:
         # Tokenisation, templates and collation work on real rows.
         first = next(iter(train_loader))
         if world.is_main:
-            print_plan(cfg, world, model, ds_config, train_loader, first)
+            print_plan(cfg, world, model, ds_config, train_loader, first, task_eval)
         return None
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (AudioFlamingo always is)
-    trainer = Trainer(cfg, model, train_loader, valid_loaders, world, device, ds_config=ds_config)
+    trainer = Trainer(cfg, model, train_loader, valid_loaders, world, device, ds_config=ds_config, task_eval=task_eval)
     if world.is_main:
         record_encoder(cfg)
         atomic_write_text(Path(cfg.train.run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))

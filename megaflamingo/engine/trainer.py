@@ -25,6 +25,7 @@ from megaflamingo.model.loss import token_losses
 from megaflamingo.tokens import IGNORE_INDEX
 
 from . import stop as stop_request
+from . import tags
 from .checkpointing import (CheckpointManager, ResumePoint, config_hash, resolve_resume, set_rng_state,
                             verify_on_all_ranks)
 from .data_health import DataHealth
@@ -32,7 +33,7 @@ from .distributed import World, all_gather_objects, all_reduce_sum, any_rank
 from .ds_config import build_ds_config, offload_optimizer_device, zero_stage
 from .flops import device_peak_flops, flop_spec
 from .log_truncate import tensorboard_purge_step, truncate_jsonl
-from .metrics import MetricsLogger, peak_memory_gb
+from .metrics import MetricsLogger
 from .optim import build_optimizer, count_params, scheduler_factory
 
 log = logging.getLogger("megaflamingo.train")
@@ -53,6 +54,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     resumed_from: Optional[str] = None
     valid: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, dict[str, float]] = field(default_factory=dict)  # last task eval: benchmark -> metric -> value
 
 
 @dataclass
@@ -112,8 +114,9 @@ class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader: Iterable,
                  valid_loaders: Optional[dict[str, Iterable]], world: World, device: torch.device,
                  hidden_size: Optional[int] = None, ds_config: Optional[dict] = None,
-                 ds_json: Optional[dict] = None):
+                 ds_json: Optional[dict] = None, task_eval=None):
         self.cfg, self.world, self.device = cfg, world, device
+        self.task_eval = task_eval  # engine.evaluation.TaskEval or None
         t = cfg.train
         self.run_dir = Path(t.run_dir)
         self.train_loader = train_loader
@@ -135,6 +138,7 @@ class Trainer:
             lr_scheduler=scheduler_factory(t, self.total_steps),
             model_parameters=None, dist_init_required=False)
         self.flops = flop_spec(self.engine.module)
+        self.gates = tags.gated_blocks(self.engine.module)
         self.peak_flops, self.peak_source = device_peak_flops(t.precision, t.peak_tflops)
         self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
         self.step = 0
@@ -296,14 +300,19 @@ class Trainer:
             metrics.progress(self.step, stats.loss)
         window.add(stats)
         last = self.step == self.total_steps
-        if self.step % t.logging_steps == 0 or last:
-            metrics.scalars({"train/bad_rows": self.health.check_rows(self.train_loader)}, self.step)
+        # The first step this process runs is logged too, so the start of a run (warm-up) is visible.
+        if self.step % t.logging_steps == 0 or last or len(result.losses) == 1:
+            metrics.scalars({tags.BAD_ROWS: self.health.check_rows(self.train_loader)}, self.step)
             self._log_window(metrics, window, time.perf_counter() - window.started)
             window = Window()
-        if self.valid_loaders and (self.step % t.eval_steps == 0 or last):
-            result.valid = self.validate()
-            self._log_validation(metrics, result.valid)
-            window.started = time.perf_counter()  # validation is not training throughput
+        if (self.valid_loaders or self.task_eval is not None) and (self.step % t.eval_steps == 0 or last):
+            t0 = time.perf_counter()
+            if self.valid_loaders:
+                result.valid = self.validate()
+                self._log_validation(metrics, result.valid, time.perf_counter() - t0)
+            if self.task_eval is not None:
+                result.eval = self._task_eval(metrics)
+            window.started += time.perf_counter() - t0  # evaluation is not training throughput
         stop = any_rank(stop_request.requested())
         if stop or self.step % t.save_steps == 0 or last:
             self._save()
@@ -335,8 +344,9 @@ class Trainer:
                                     self.cfg.train.progress_bar, purge_step=tensorboard_purge_step(self.step))
             metrics.line(self.plan_text())
             if self.resume is not None and self.resume.skipped:
-                metrics.text("checkpoint/resume", "\n\n".join(self.resume.skipped + (
+                metrics.text(tags.RESUME_TEXT, "\n\n".join(self.resume.skipped + (
                     f"resumed from {self.resume.path}",)), self.step)
+            self._describe_run(metrics)
             if any_rank(stop_request.requested()):
                 # Asked to stop during start-up: nothing has been trained since the checkpoint we resumed
                 # from (or since initialisation), so there is nothing new to save; exit 75 at once.
@@ -381,14 +391,43 @@ class Trainer:
         self.engine.train()
         return results
 
-    def _log_validation(self, metrics: MetricsLogger, valid: dict[str, float]) -> None:
-        metrics.scalars({f"valid/loss/{k}": v for k, v in valid.items()}, self.step)
+    def _log_validation(self, metrics: MetricsLogger, valid: dict[str, float], seconds: float) -> None:
+        metrics.scalars({tags.loss_tag("valid", k): v for k, v in valid.items()}, self.step)
         finite = [v for v in valid.values() if math.isfinite(v)]
         if finite:
-            metrics.scalars({"valid/loss": sum(finite) / len(finite)}, self.step)
+            metrics.scalars({tags.LOSS_VALID: sum(finite) / len(finite)}, self.step)
+        metrics.scalars({tags.VALID_S: seconds}, self.step)
         metrics.line(f"step {self.step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()))
 
+    def _task_eval(self, metrics: MetricsLogger) -> dict[str, dict[str, float]]:
+        """Generation-based task metrics (every rank generates; rank 0 scores and logs)."""
+        res = self.task_eval.run(self.engine.module)
+        self.engine.train()
+        if self.world.is_main:
+            for bench, vals in res.metrics.items():
+                metrics.scalars({tags.eval_tag(bench, m): v for m, v in vals.items() if isinstance(v, (int, float))},
+                                self.step)
+                metrics.text(tags.eval_tag(bench, "samples"), res.samples[bench], self.step)
+            metrics.scalars({tags.EVAL_S: res.seconds}, self.step)
+            with open(self.run_dir / "eval_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **res.metrics}, default=str) + "\n")
+            metrics.line(f"step {self.step}: eval " + " ".join(
+                f"{b}/{m}={v:.4f}" for b, vals in res.metrics.items() for m, v in vals.items()
+                if isinstance(v, float)) + f" ({res.seconds:.1f}s)")
+        return res.metrics
+
     # ------------------------------------------------------------------ logging
+    def _describe_run(self, metrics: MetricsLogger) -> None:
+        """Once per start: the resolved config (HPARAMS tab and a text card) and the chart layout."""
+        config = self.cfg.to_dict()
+        watched = [tags.LOSS_TRAIN, tags.LOSS_VALID]
+        if self.task_eval is not None:
+            watched += [tags.eval_tag(s.bench.name, s.bench.primary) for s in self.task_eval.suites]
+            metrics.line(self.task_eval.describe())
+        metrics.hparams(tags.flat_hparams(config), watched)
+        metrics.text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", self.step)
+        metrics.layout(tags.LAYOUT)
+
     def _dataset_losses(self, per_dataset: list) -> dict[str, float]:
         """Mean token loss per dataset over the window, summed over ranks (one transfer per rank)."""
         mine: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -411,34 +450,36 @@ class Trainer:
         samples, tokens, flops, data_wait = all_reduce_sum(
             torch.tensor([t.samples, t.tokens, t.flops, t.data_wait_s], dtype=torch.float64)).tolist()
         per_ds = self._dataset_losses(t.per_dataset)
+        gates = tags.gate_values(self.gates)  # a collective only if a user's JSON partitions the gates
         if not self.world.is_main:
             return
         elapsed = max(elapsed, 1e-9)
         gn = self.engine.get_global_grad_norm()
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
-        mfu = flops / elapsed / (self.peak_flops * ws) if not math.isnan(self.peak_flops) else None
+        mfu = 100 * flops / elapsed / (self.peak_flops * ws) if not math.isnan(self.peak_flops) else None
         vals = {
-            "train/loss": t.loss_sum / max(t.count, 1),
-            "train/lr": lr,
-            "train/grad_norm": float(gn) if gn is not None else None,
-            "train/tokens_per_s": tokens / elapsed,
-            "train/samples_per_s": samples / elapsed,
-            "train/mfu": mfu,
-            "train/data_wait_s": data_wait / ws / max(w.steps, 1),
-            "train/step_time_s": elapsed / max(w.steps, 1),
-            "train/peak_mem_gb": peak_memory_gb(),
-            "train/nonfinite_skipped": self.nonfinite_total,
-            "train/epoch": self.epoch,
+            tags.LOSS_TRAIN: t.loss_sum / max(t.count, 1),
+            tags.LR: lr,
+            tags.GRAD_NORM: float(gn) if gn is not None else None,
+            tags.TOKENS_PER_S: tokens / elapsed,
+            tags.SAMPLES_PER_S: samples / elapsed,
+            tags.MFU_PCT: mfu,
+            tags.DATA_WAIT_S: data_wait / ws / max(w.steps, 1),
+            tags.STEP_S: elapsed / max(w.steps, 1),
+            tags.NONFINITE: self.nonfinite_total,
+            tags.EPOCH: self.epoch,
+            **tags.memory_values(),
+            **gates,
         }
-        vals.update({f"train/loss/{k}": v for k, v in per_ds.items()})
+        vals.update({tags.loss_tag("train", k): v for k, v in per_ds.items()})
         metrics.scalars(vals, self.step)
         metrics.flush()
-        gn_txt = f"{vals['train/grad_norm']:.3f}" if vals["train/grad_norm"] is not None else "n/a"
-        mfu_txt = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        metrics.line(f"step {self.step}/{self.total_steps} loss {vals['train/loss']:.4f} lr {lr:.2e} gnorm {gn_txt} "
-                     f"{vals['train/samples_per_s']:.2f} samples/s {vals['train/tokens_per_s']:.0f} tok/s "
-                     f"MFU {mfu_txt} data-wait {vals['train/data_wait_s']:.3f}s "
-                     f"mem {vals['train/peak_mem_gb']:.2f} GB")
+        gn_txt = f"{vals[tags.GRAD_NORM]:.3f}" if vals[tags.GRAD_NORM] is not None else "n/a"
+        mfu_txt = f"{mfu:.1f}%" if mfu is not None else "n/a"
+        mem = next(v for k, v in vals.items() if k.startswith("memory/"))  # allocated (GPU) or RSS (CPU)
+        metrics.line(f"step {self.step}/{self.total_steps} loss {vals[tags.LOSS_TRAIN]:.4f} lr {lr:.2e} gnorm {gn_txt} "
+                     f"{vals[tags.SAMPLES_PER_S]:.2f} samples/s {vals[tags.TOKENS_PER_S]:.0f} tok/s "
+                     f"MFU {mfu_txt} data-wait {vals[tags.DATA_WAIT_S]:.3f}s mem {mem:.2f} GB")
 
     def plan_text(self) -> str:
         t, ws = self.cfg.train, self.world.world_size

@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from megaflamingo.audio.decode import AudioError
+from megaflamingo.io import cut_torn_tail
 
-from . import metrics as M
 from .prompts import ANSWER_SUFFIX, multi_audio_prompt
 from .runner import Query, Runner
 
@@ -47,13 +47,9 @@ def read_done(out: Path) -> set[str]:
     """Ids already written; drops a torn final line (the only line a kill can leave half-written)."""
     if not out.is_file():
         return set()
-    raw = out.read_bytes()
-    end = raw.rfind(b"\n") + 1  # records are written whole, newline last: anything after is torn
-    if end < len(raw):
-        with open(out, "r+b") as f:
-            f.truncate(end)
+    cut_torn_tail(out)
     done: set[str] = set()
-    for n, line in enumerate(raw[:end].splitlines(), 1):
+    for n, line in enumerate(out.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -67,18 +63,28 @@ def read_done(out: Path) -> set[str]:
 
 
 def eval_text(it: Item, form=None, prefix: Optional[str] = None,
-              prompt_override: Optional[str] = None) -> tuple[str, str, Optional[str]]:
-    """(prefix, prompt, reference) for ``it`` in the form the model's training gave its task
-    (``form``: ``prompts.TrainingForm``); ``prefix`` replaces the task's, ``prompt_override`` the prompt."""
+              prompt_override: Optional[str] = None) -> tuple[str, str, Optional[str], bool]:
+    """(prefix, prompt, reference, rendered) for ``it`` in the form the model's training gave its task
+    (``form``: ``prompts.TrainingForm``); ``prefix`` replaces the task's, ``prompt_override`` the prompt.
+    ``rendered``: the prompt is the trained form already (to be used verbatim, see
+    ``prompts.multi_audio_prompt``), else it is raw text that still gets the training normalisation."""
     prompt = prompt_override or it.prompt
     if not prompt:
         raise ValueError(f"item {it.id}: no prompt (give the manifest a 'prompt' or pass --prompt)")
     if form is None or not it.task:
-        return prefix or "", prompt, it.output
+        return prefix or "", prompt, it.output, False
     # rendered from the item's own prompt (it seeds the augmentation choice, as in validation)
     task_pre, trained_prompt, ref = form.render(it.task, it.path, it.prompt or prompt, it.output)
     # --prompt is the user's question as typed; the reference still takes its trained form
-    return (task_pre if prefix is None else prefix), (prompt if prompt_override else trained_prompt), ref
+    pre = task_pre if prefix is None else prefix
+    return (pre, prompt, ref, False) if prompt_override else (pre, trained_prompt, ref, True)
+
+
+def query_text(tokenizer, it: Item, form=None, prefix: Optional[str] = None, prompt_override: Optional[str] = None,
+               suffix: str = ANSWER_SUFFIX) -> tuple[str, Optional[str]]:
+    """(generation prompt, reference) of one item (see :func:`eval_text`)."""
+    pre, prompt, ref, rendered = eval_text(it, form, prefix, prompt_override)
+    return multi_audio_prompt(tokenizer, prompt, 1, pre, suffix, rendered=rendered), ref
 
 
 def items_from_manifest(path: str | os.PathLike, data_root: Optional[str]) -> tuple[list[Item], Optional[str]]:
@@ -121,11 +127,11 @@ def run_batch(
     prompt_override: Optional[str] = None,
     prefix: Optional[str] = None,
     progress: bool = True,
-    labels: Optional[Sequence[str]] = None,
     suffix: str = ANSWER_SUFFIX,
     form=None,
-) -> dict:
-    """Answer every item not yet in ``out``; return metrics over the whole file.
+) -> int:
+    """Answer every item not yet in ``out``; return how many were answered now (score the whole file
+    with ``megaflamingo.eval.metrics.summarize_batch(iter_records(out))``).
 
     ``form``: how the model's training rendered each task (``prompts.TrainingForm.of(config)``);
     without it items are prompted as given, with ``prefix`` (default none)."""
@@ -146,7 +152,7 @@ def run_batch(
         for lo in range(0, len(todo), batch_size):
             chunk, queries, refs = [], [], []
             for it in todo[lo:lo + batch_size]:
-                pre, prompt, ref = eval_text(it, form, prefix, prompt_override)
+                text, ref = query_text(runner.tok, it, form, prefix, prompt_override, suffix)
                 try:
                     windows = it.windows if it.windows is not None else embed(it)
                 except AudioError as e:
@@ -155,7 +161,7 @@ def run_batch(
                     continue
                 chunk.append(it)
                 refs.append(ref)
-                queries.append(Query(multi_audio_prompt(runner.tok, prompt, 1, pre, suffix), [windows], id=it.id))
+                queries.append(Query(text, [windows], id=it.id))
             answers = runner.answer(queries) if queries else []
             for it, ref, ans in zip(chunk, refs, answers):
                 rec = {"id": it.id, "path": it.path, "prompt": prompt_override or it.prompt, "prediction": ans}
@@ -170,7 +176,7 @@ def run_batch(
                 bar.update(len(todo[lo:lo + batch_size]))
     if bar is not None:
         bar.close()
-    return M.summarize(iter_records(out), labels=labels)
+    return len(todo)
 
 
 def iter_records(path: Path) -> Iterator[dict]:

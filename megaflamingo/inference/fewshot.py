@@ -49,7 +49,7 @@ def answer_with_examples(runner: Runner, loaded, index: RetrievalIndex, neigh: l
     render = None
     if task:  # the examples as training showed them (e.g. mtg-jamendo's fixed question, no options)
         def render(n):
-            return Example(*form.render(task, n.path, n.prompt, n.output, no_options=True)[1:])
+            return Example(*form.render(task, n.path, n.prompt, n.output, no_options=True)[1:], rendered=True)
     examples, ex_windows = build_examples(neigh, render)
     text = fewshot_prompt(loaded.tokenizer, examples, prompt, form.prefix(task) if prefix is None else prefix,
                           suffix=answer_suffix(loaded.config))

@@ -75,10 +75,16 @@ def question(prompt: str, suffix: str = ANSWER_SUFFIX) -> str:
 
 @dataclass(frozen=True)
 class Example:
-    """One in-context example: its prompt and the answer shown to the model."""
+    """One in-context example: its prompt and the answer shown to the model. ``rendered``: both are in
+    their trained form already (``TrainingForm.render``) and go in verbatim; otherwise they are a
+    user's text and get the training normalisation (:func:`question`, :func:`clean`)."""
 
     prompt: str
     output: str
+    rendered: bool = False
+
+    def shot(self, suffix: str) -> tuple[str, str]:
+        return (self.prompt, self.output) if self.rendered else (question(self.prompt, suffix), clean(self.output))
 
 
 def clean(text: Optional[str]) -> str:
@@ -98,35 +104,38 @@ def _special(tokenizer) -> layout.SpecialText:
     return layout.SpecialText.from_tokenizer(tokenizer)
 
 
-def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX) -> str:
+def single_prompt(tokenizer, prompt: str, prefix: str = "", suffix: str = ANSWER_SUFFIX,
+                  rendered: bool = False) -> str:
     """One audio, one question."""
-    return multi_audio_prompt(tokenizer, prompt, 1, prefix, suffix)
+    return multi_audio_prompt(tokenizer, prompt, 1, prefix, suffix, rendered)
 
 
 def multi_audio_prompt(tokenizer, prompt: str, num_audios: int, prefix: str = "",
-                       suffix: str = ANSWER_SUFFIX) -> str:
+                       suffix: str = ANSWER_SUFFIX, rendered: bool = False) -> str:
     """Several audios for one question (``--audio A --audio B``): one ``<audio>`` per clip, the
-    question after the last one (every text token sees all audios before it)."""
+    question after the last one (every text token sees all audios before it).
+
+    ``prompt`` is a user's question (lower-cased, answer suffix added, as training normalised its
+    raw prompts) unless ``rendered``: then it is the trained form of an item's prompt
+    (``TrainingForm.render``: suffix included, option lists in the case training wrote them), used
+    as is."""
     if num_audios < 1:
         raise ValueError("need at least one audio")
     if not prompt.strip():
         raise ValueError("empty prompt")
-    sp = _special(tokenizer)
-    text = layout.single_intro(sp, _prefix(prefix)) + MEDIA_TOKEN * (num_audios - 1) \
-        + layout.answer_block(sp, question(prompt, suffix), "")
-    return layout.prompt_text(text, sp)
+    query = prompt if rendered else question(prompt, suffix)
+    return layout.query_text(_special(tokenizer), _prefix(prefix), query, extra_audios=num_audios - 1)
 
 
 def fewshot_prompt(tokenizer, examples: Sequence[Example], prompt: str, prefix: str = "",
-                   mode: str = "similar", suffix: str = ANSWER_SUFFIX) -> str:
-    """Retrieval-augmented few-shot prompt: the examples (audio + answer each), then the query."""
+                   mode: str = "similar", suffix: str = ANSWER_SUFFIX, rendered: bool = False) -> str:
+    """Retrieval-augmented few-shot prompt: the examples (audio + answer each), then the query
+    (``rendered``: as in :func:`multi_audio_prompt`; each example says for itself)."""
     if mode not in ("similar", "random"):
         raise ValueError(f"mode must be 'similar' or 'random', got {mode!r}")
-    sp = _special(tokenizer)
-    parts = [layout.fewshot_intro(sp, mode, _prefix(prefix))]
-    parts += [layout.answer_block(sp, question(ex.prompt, suffix), clean(ex.output)) for ex in examples]
-    parts.append(layout.answer_block(sp, question(prompt, suffix), ""))
-    return layout.prompt_text("".join(parts), sp)
+    query = prompt if rendered else question(prompt, suffix)
+    return layout.query_text(_special(tokenizer), _prefix(prefix), query, [ex.shot(suffix) for ex in examples],
+                             fewshot=mode)
 
 
 def chat_prompt(tokenizer, history: Sequence[tuple[str, str]], user: str) -> str:

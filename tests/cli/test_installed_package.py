@@ -58,8 +58,11 @@ def test_console_scripts_of_a_plain_install_find_their_configs(installed, tmp_pa
     where = _run([str(venv / "bin" / "python"), "-c", "import megaflamingo; print(megaflamingo.__file__)"],
                  cwd=tmp_path).stdout
     assert str(site) in where
-    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer"):
+    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer", "megaflamingo-eval"):
         assert "usage" in _run([str(venv / "bin" / script), "--help"], cwd=tmp_path).stdout.lower()
+    # The benchmark registry is package data: listed from the installed package.
+    listing = _run([str(venv / "bin" / "megaflamingo-eval"), "--list"], cwd=tmp_path).stdout
+    assert (site / "megaflamingo" / "eval" / "af1_benchmarks.yaml").is_file() and "clotho-v2-caption" in listing
     write_tiny_dataset(tmp_path / "data")
     env = dict(os.environ, MF_DATA_ROOT=str(tmp_path / "data"), MF_RUN_DIR=str(tmp_path / "run"),
                OMP_NUM_THREADS="1")

@@ -69,9 +69,26 @@ def ref(tmp_path_factory):
     torch.manual_seed(123)
     AutoModelForCausalLM.from_config(tiny_opt_config(vocab_size=512, hidden_size=64, num_layers=2)).save_pretrained(
         tmp / "lm")
-    proc, res, _ = launch(tmp, "ref", valid=True, lm_path=str(tmp / "lm"))
+    proc, res, _ = launch(tmp, "ref", valid=True, lm_path=str(tmp / "lm"), **task_eval_spec(tmp))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, res
+
+
+def task_eval_spec(tmp):
+    """Generation-based task metrics on a SynthTiny Arrow split during the run: 7 items over 2 ranks in
+    batches of 3 (rank 1 runs a stand-in batch at the end), beam search, under ZeRO-3."""
+    import yaml
+
+    from megaflamingo.testing.tiny_task import write_tiny_dataset
+
+    write_tiny_dataset(tmp / "data", rows={"val": 7})
+    reg = tmp / "benchmarks.yaml"
+    reg.write_text(yaml.safe_dump({"benchmarks": {"tiny-val": {
+        "split": "SynthTiny-EventClassification/val", "type": "classification", "mode": "in-distribution",
+        "metrics": ["accuracy", "macro_f1"]}}}))
+    return {"data": {"data_root": str(tmp / "data")},
+            "train": {"eval_benchmarks": ["tiny-val"], "eval_registry": [str(reg)], "eval_batch_size": 3,
+                      "eval_max_new_tokens": 3, "eval_num_beams": 2}}
 
 
 def test_partitioned_pretrained_lm_loaded_and_frozen(ref):
@@ -116,26 +133,50 @@ def test_zero3_two_ranks_learns(ref):
 
 def test_tensorboard_has_every_metric(ref):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     tmp, res = ref
     acc = EventAccumulator(str(tmp / "ref" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    want = {"train/loss", "train/loss/synth-a", "train/loss/synth-b", "train/lr", "train/grad_norm",
-            "train/tokens_per_s", "train/samples_per_s", "train/mfu", "train/data_wait_s", "train/peak_mem_gb",
-            "train/nonfinite_skipped", "valid/loss", "valid/loss/synth-val"}
+    gates = {f"xattn/{g}/layer_{i:02d}" for g in ("attn_gate", "ff_gate") for i in (0, 1)}
+    want = {"loss/train", "loss/train/synth-a", "loss/train/synth-b", "optim/lr", "optim/grad_norm",
+            "perf/tokens_per_s", "perf/samples_per_s", "perf/mfu_pct", "time/data_wait_s", "time/step_s",
+            "memory/peak_rss_gb", "optim/nonfinite_skipped", "data/bad_rows", "loss/valid", "loss/valid/synth-val", "time/valid_s",
+            "eval/tiny-val/accuracy", "eval/tiny-val/macro_f1", "time/eval_s"} | gates
     assert want <= tags, want - tags
-    loss = [e.value for e in acc.Scalars("train/loss")]
-    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
-    assert loss[0] == pytest.approx(sum(res["losses"][:5]) / 5, rel=1e-3)
+    assert {t.split("/")[0] for t in tags} == {"loss", "optim", "perf", "time", "memory", "eval", "xattn", "data"}
+    loss = [e.value for e in acc.Scalars("loss/train")]
+    assert [e.step for e in acc.Scalars("loss/train")] == [1, 5, 10]  # from step 1: the start is visible
+    assert loss[0] == pytest.approx(res["losses"][0], rel=1e-3)
+    assert loss[1] == pytest.approx(sum(res["losses"][1:5]) / 4, rel=1e-3)
     # The window's loss is the token-weighted mean of the per-dataset losses: between them.
-    per_ds = [[e.value for e in acc.Scalars(f"train/loss/{d}")] for d in ("synth-a", "synth-b")]
+    per_ds = [[e.value for e in acc.Scalars(f"loss/train/{d}")] for d in ("synth-a", "synth-b")]
     for total, a, b in zip(loss, *per_ds):
         assert min(a, b) - 1e-6 <= total <= max(a, b) + 1e-6 and a != b
-    assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
-    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_s"))
-    assert acc.Scalars("train/lr")[-1].value == pytest.approx(1e-2)
-    assert acc.Scalars("valid/loss/synth-val")[-1].value == pytest.approx(res["valid"]["synth-val"], rel=1e-5)
+    assert all(0 < e.value < 100 for e in acc.Scalars("perf/mfu_pct"))  # percent
+    assert all(e.value > 0 for e in acc.Scalars("perf/tokens_per_s"))
+    assert acc.Scalars("optim/lr")[-1].value == pytest.approx(1e-2)
+    assert acc.Scalars("loss/valid/synth-val")[-1].value == pytest.approx(res["valid"]["synth-val"], rel=1e-5)
+    # Gates: tanh values, 0 at the start (AF1 initialises them to 0), opened by training.
+    for g in gates:
+        vals = [e.value for e in acc.Scalars(g)]
+        assert all(-1 < v < 1 for v in vals) and abs(vals[-1]) > 0, (g, vals)
+    # Task metrics at every eval step, under ZeRO-3 on both ranks; rank 0's numbers in the result too.
+    acc_pts = acc.Scalars("eval/tiny-val/accuracy")
+    assert [e.step for e in acc_pts] == [5, 10] and all(0 <= e.value <= 1 for e in acc_pts)
+    assert acc_pts[-1].value == pytest.approx(res["eval"]["tiny-val"]["accuracy"])
+    log = [json.loads(l) for l in (tmp / "ref" / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10] and log[-1]["tiny-val"] == res["eval"]["tiny-val"]
+    texts = set(acc.Tags()["tensors"])  # text summaries: "<tag>/text_summary"
+    assert {"eval/tiny-val/samples/text_summary", "config/text_summary"} <= texts
+    table = acc.Tensors("eval/tiny-val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| prompt | prediction | references |") and table.count("\n") == 2 + 4 - 1
+    # The resolved config, once, in this run's own HPARAMS (not a sub-run).
+    hp = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["train.lr"].number_value == pytest.approx(1e-2)
+    assert start.hparams["train.eval_benchmarks"].string_value == '["tiny-val"]'
 
 
 def test_exact_resume_after_kill9(ref):

@@ -9,7 +9,7 @@ with NaN audio). One campaign, several checks per run (each 2-rank start costs m
    `--resume DIR` of the damaged tag exits 2 naming the file;
 4. `--resume auto` warns about both (log and TensorBoard), resumes from the newest tag that verifies and
    repeats the lost steps with exactly the losses the dead job logged; train_log.jsonl and TensorBoard
-   show each step once; the bad rows were skipped, counted (`train/bad_rows`) and named.
+   show each step once; the bad rows were skipped, counted (`data/bad_rows`) and named.
 """
 import json
 import os
@@ -193,7 +193,7 @@ def test_resume_auto_falls_back_with_warnings_and_repeats_the_lost_steps_exactly
     # Default dropout, the real loader: every step the dead job had logged comes out bit for bit the same.
     assert {x["step"]: x["loss"] for x in log if x["step"] in dead} == dead
     acc = tb_events(run_dir)
-    tb = [e.step for e in acc.Scalars("train/loss")]
+    tb = [e.step for e in acc.Scalars("loss/train")]
     assert tb == list(range(1, 11))
     text = acc.Tensors("checkpoint/resume/text_summary")[0].tensor_proto.string_val[0].decode()
     assert SHARD in text and "no completion marker" in text
@@ -206,5 +206,5 @@ def test_bad_rows_are_skipped_counted_and_named(campaign):
     for i in NAN_ROWS:
         assert f"skipped a bad row: SynthTiny-EventClassification/train row {i} (id train-{i:05d}): shot 0: " \
                "1 window embedding(s) contain NaN/inf" in text
-    counts = {e.step: e.value for e in tb_events(campaign["run"]).Scalars("train/bad_rows")}
+    counts = {e.step: e.value for e in tb_events(campaign["run"]).Scalars("data/bad_rows")}
     assert counts[6] == len(NAN_ROWS) and list(counts.values()) == sorted(counts.values())

@@ -4,7 +4,7 @@ import json
 from megaflamingo.engine.log_truncate import tensorboard_purge_step, truncate_jsonl
 
 
-def scalars(run_dir, tag="train/loss"):
+def scalars(run_dir, tag="loss/train"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -27,11 +27,11 @@ def test_purge_step_hides_the_dead_runs_later_events(tmp_path):
 
     w = SummaryWriter(str(tmp_path / "tensorboard"))
     for s in range(1, 9):
-        w.add_scalar("train/loss", 1.0 * s, s)
+        w.add_scalar("loss/train", 1.0 * s, s)
     w.close()
     w = SummaryWriter(str(tmp_path / "tensorboard"), purge_step=tensorboard_purge_step(3))
     for s in range(4, 7):
-        w.add_scalar("train/loss", 100.0 + s, s)
+        w.add_scalar("loss/train", 100.0 + s, s)
     w.close()
     assert scalars(tmp_path) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0), (5, 105.0), (6, 106.0)]
     assert tensorboard_purge_step(None) is None
@@ -42,12 +42,12 @@ def test_resumed_metrics_logger_shows_each_step_once(tmp_path):
 
     m = MetricsLogger(tmp_path, True, 10, 0, progress_bar=False)
     for s in range(1, 9):
-        m.scalars({"train/loss": 1.0 * s}, s)
+        m.scalars({"loss/train": 1.0 * s}, s)
     m.close()
     # resumed from the step-3 checkpoint (as the trainer opens it)
     m = MetricsLogger(tmp_path, True, 10, 3, progress_bar=False, purge_step=tensorboard_purge_step(3))
     for s in range(4, 7):
-        m.scalars({"train/loss": 100.0 + s}, s)
+        m.scalars({"loss/train": 100.0 + s}, s)
     m.close()
     steps = [s for s, _ in scalars(tmp_path)]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]

@@ -53,6 +53,7 @@ def main(spec_path):
     raw = tiny_raw_config()
     raw["train"] = spec["train"]
     raw["deepspeed"] = spec.get("deepspeed", {})
+    raw["data"] = spec.get("data", {})
     if spec.get("lm_path"):  # a saved HF checkpoint: exercises from_pretrained (under zero.Init with ZeRO-3)
         raw["model"]["lm"], raw["model"]["lm_config"] = spec["lm_path"], None
     cfg = make_config(raw)
@@ -108,7 +109,12 @@ def main(spec_path):
         stop.install()
         os.kill(os.getpid(), signal.SIGTERM)
     kill_at = spec.get("kill_at_step")
-    trainer = Trainer(cfg, model, loader, valid, world, device, ds_config=ds)
+    task_eval = None
+    if cfg.train.eval_benchmarks:  # generation-based task metrics on an Arrow split (engine.evaluation)
+        from megaflamingo.engine.evaluation import TaskEval
+
+        task_eval = TaskEval.from_config(cfg, tok, ids)
+    trainer = Trainer(cfg, model, loader, valid, world, device, ds_config=ds, task_eval=task_eval)
     if kill_at and world.rank == 0:
         orig = trainer._save
 
@@ -121,7 +127,7 @@ def main(spec_path):
     res = trainer.train()
     if world.rank == 0:
         out = {"stopped_by_signal": res.stopped_by_signal, "losses": res.losses, "step": res.step, "skipped": res.nonfinite_skipped,
-               "resumed_from": res.resumed_from, "valid": res.valid, "trainable": trainer.trainable,
+               "resumed_from": res.resumed_from, "valid": res.valid, "eval": res.eval, "trainable": trainer.trainable,
                "frozen": trainer.frozen}
         with open(spec["result"], "w") as f:
             json.dump(out, f)

@@ -1,10 +1,9 @@
-"""Prompt formats (must equal the training text up to <SEP>), metrics, resumable output files."""
+"""Prompt formats (must equal the training text up to <SEP>), resumable output files."""
 import json
 
 import numpy as np
 import pytest
 
-from megaflamingo.inference import metrics as M
 from megaflamingo.inference.batch import read_done
 from megaflamingo.inference.prompts import (Example, chat_prompt, decode_answer, fewshot_prompt, multi_audio_prompt,
                                             single_prompt, task_prefix)
@@ -64,26 +63,6 @@ def test_decode_answer_stops_at_eoc(tiny_tok, tiny_token_ids):
     assert decode_answer(tiny_tok, ids + [tiny_token_ids.pad] * 3) == "low tone"
 
 
-def test_classification_metrics():
-    refs = ["a", "a", "b", "c"]
-    preds = ["A.", "b", "b", "x"]
-    assert M.accuracy(preds, refs) == 0.5
-    # per class F1: a: tp1 fp0 fn1 -> 2/3; b: tp1 fp1 fn0 -> 2/3; c: 0
-    assert M.macro_f1(preds, refs) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
-    with pytest.raises(ValueError):
-        M.accuracy(["a"], [])
-
-
-def test_bleu_style_overlap():
-    assert M.bleu(["a dog barks loudly"], ["a dog barks loudly"]) == pytest.approx(1.0)
-    assert M.bleu(["rain falls"], ["a dog barks loudly"]) == 0.0
-    part = M.bleu(["a dog barks"], [["a dog barks loudly", "the dog is barking"]])
-    assert 0.0 < part < 1.0
-    s = M.summarize([{"output": "a dog barks", "prediction": "a dog barks", "task": "AudioCaptioning"},
-                     {"output": "low tone", "prediction": "low tone", "task": "EventClassification"}])
-    assert s["accuracy"] == 1.0 and s["n_caption"] == 1 and "not CIDEr" in s["bleu_note"]
-
-
 def test_read_done_drops_a_torn_tail(tmp_path):
     p = tmp_path / "pred.jsonl"
     good = [json.dumps({"id": str(i), "prediction": "x"}) for i in range(3)]
@@ -115,21 +94,46 @@ def test_batch_items_take_the_form_training_gave_their_task():
     jam = Item(id="1", path="a.wav", prompt="What genre?", output="Rock; Pop", task="mtg-jamendo-MusicTagging")
     # Trained with the default rewrite and the prefix: the fixed question, the trained answer spelling.
     form = _form({"mtg-jamendo-MusicTagging/train": {"prefix_prob": 1.0, "augmentations": {"default": 1.0}}})
-    pre, prompt, ref = eval_text(jam, form)
-    assert pre == "The task is music tagging. "
+    pre, prompt, ref, rendered = eval_text(jam, form)
+    assert rendered and pre == "The task is music tagging. "
     assert prompt == "what are the genres, instruments, and mood/theme of the music?\nAnswer:"
     assert ref == "rock. pop"
     # --prefix replaces the task's; --prompt is kept as typed while the reference stays trained.
-    assert eval_text(jam, form, prefix="") == ("", prompt, ref)
-    assert eval_text(jam, form, prompt_override="Tags?") == (pre, "Tags?", ref)
+    assert eval_text(jam, form, prefix="") == ("", prompt, ref, True)
+    assert eval_text(jam, form, prompt_override="Tags?") == (pre, "Tags?", ref, False)
     # Trained as given without prefix (the quickstart's blend): prompted exactly so.
     plain = _form({"mtg-jamendo-MusicTagging/train": {"prefix_prob": 0.0, "augmentations": {"do_nothing": 1.0}}})
-    assert eval_text(jam, plain) == ("", "what genre?\nAnswer:", "rock; pop")
+    assert eval_text(jam, plain) == ("", "what genre?\nAnswer:", "rock; pop", True)
     # A task the blend never saw (zero-shot): its prefix, the prompt as given.
     other = Item(id="2", path="b.wav", prompt="Is it a dog?", output="Yes", task="Clotho-AQA-AQA")
-    assert eval_text(other, form) == ("The task is audio question answering. ", "is it a dog?\nAnswer:", "yes")
+    assert eval_text(other, form) == ("The task is audio question answering. ", "is it a dog?\nAnswer:", "yes", True)
     # No form / no task: untouched.
-    assert eval_text(jam, None) == ("", "What genre?", "Rock; Pop")
+    assert eval_text(jam, None) == ("", "What genre?", "Rock; Pop", False)
+
+
+def test_batch_prompt_is_the_training_text_of_an_option_list_task(tiny_tok, tiny_token_ids):
+    """A task trained with AF1's provide_all_labels: training appends ``\nOPTIONS:`` after lower-casing
+    the prompt, so the generation prompt must carry it upper-case, exactly as the training sample
+    does up to its <SEP> (a prompt re-lower-cased after rendering asked ``options:`` instead)."""
+    from megaflamingo.data.sources import Item as DataItem
+    from megaflamingo.data.sources import Shot
+    from megaflamingo.data.text import SpecialText, build_text, prompt_text
+    from megaflamingo.inference.batch import Item, query_text
+
+    task = "CochlScene-SceneClassification"
+    blend = {"prefix_prob": 1.0, "augmentations": {"provide_all_labels": 1.0}}
+    form = _form({f"{task}/train": blend})
+    it = Item(id="1", path="a.wav", prompt="Classify this acoustic scene.", output="Bus", task=task)
+    text, ref = query_text(tiny_tok, it, form)
+    sp = SpecialText.from_tokenizer(tiny_tok, tiny_token_ids)
+    sample = DataItem(shots=[Shot(path=it.path, prompt=it.prompt, output=it.output, windows=np.zeros((1, 4)))])
+    train = build_text(sample, sp, form.registry, flamingo_task=task, split="train", rng=np.random.default_rng(0),
+                       **blend)
+    assert text == prompt_text(train, sp), (text, train)
+    assert "\nOPTIONS:\n - bus.\n" in text and ref == "bus"
+    # --prompt: the user's question as typed gets the raw-prompt normalisation (lower case + suffix).
+    typed, _ = query_text(tiny_tok, it, form, prompt_override="Which SCENE?")
+    assert typed.endswith("<audio>which scene?\nAnswer:<SEP>")
 
 
 def test_icl_examples_take_their_trained_form_farthest_first():
@@ -141,10 +145,11 @@ def test_icl_examples_take_their_trained_form_farthest_first():
                        windows=np.full((1, 4), i, np.float32)) for i in range(3)]
 
     def render(n):
-        return Example(*form.render("mtg-jamendo-MusicTagging", n.path, n.prompt, n.output, no_options=True)[1:])
+        return Example(*form.render("mtg-jamendo-MusicTagging", n.path, n.prompt, n.output, no_options=True)[1:],
+                       rendered=True)
 
     examples, windows = build_examples(neigh, render)
     q = "what are the genres, instruments, and mood/theme of the music?\nAnswer:"
-    assert examples == [Example(q, "rock. t2"), Example(q, "rock. t1"), Example(q, "rock. t0")]
+    assert examples == [Example(q, "rock. t2", True), Example(q, "rock. t1", True), Example(q, "rock. t0", True)]
     assert [int(w[0, 0]) for w in windows] == [2, 1, 0]
     assert build_examples(neigh)[0][0] == Example("Tags?", "Rock; T2")  # stored text without a renderer

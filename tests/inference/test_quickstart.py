@@ -1,5 +1,6 @@
 """README command 1 on a smaller budget: the real pipeline (preprocess CLI, 2-process DeepSpeed ZeRO-3
-training, checkpoint conversion/split, batch inference) must produce a model that has learned."""
+training with task metrics, checkpoint conversion/split, batch inference, 2-process megaflamingo-eval)
+must produce a model that has learned, and say so in summary.json and TensorBoard."""
 import json
 from pathlib import Path
 
@@ -36,7 +37,35 @@ def test_quickstart_learns(tmp_path, monkeypatch):
     assert len(list(Path(s["split_dir"]).glob("*.safetensors"))) >= 2  # split into several parts
     preds = [json.loads(l) for l in Path(s["predictions"]).read_text().splitlines()]
     assert len(preds) == s["n_eval"] and all("prediction" in p for p in preds)
+    check_eval(s)
     # A rerun skips the finished steps and reports the same result.
     assert main(["--out", str(out), "--steps", "150", "--train-per-class", "12", "--val-per-class", "1",
                  "--test-per-class", "3", "--min-accuracy", "0"]) == 0
     assert json.loads((out / "summary.json").read_text())["accuracy"] == s["accuracy"]
+
+
+def check_eval(s):
+    """summary.json's eval block is megaflamingo-eval's results; the captions score on what each clip
+    sounds like (CIDEr far above the same answers given to the wrong clips); the TensorBoard run has
+    the task-metric curves and the gates."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megaflamingo.eval.metrics import caption_scores
+
+    ev = s["eval"]
+    res = json.loads((Path(s["eval_dir"]) / "results.json").read_text())["benchmarks"]
+    assert set(ev) == {"synth-cls", "synth-cap"} and ev == {k: v["metrics"] for k, v in res.items()}
+    assert res["synth-cls"]["settings"]["world_size"] == 2 and res["synth-cls"]["n"] == s["n_eval"]
+    assert ev["synth-cls"]["accuracy"] >= 0.75 and set(ev["synth-cap"]) >= {"cider", "bleu4", "rouge_l", "meteor"}
+    caps = [json.loads(l) for l in (Path(s["eval_dir"]) / "synth-cap.predictions.jsonl").read_text().splitlines()]
+    assert len(caps) == s["n_eval"] and all(len(c["references"]) == synthetic.N_REFERENCES for c in caps)
+    preds, refs = [c["prediction"] for c in caps], [c["references"] for c in caps]
+    rolled = preds[len(preds) // 2:] + preds[:len(preds) // 2]  # every answer moved to another clip
+    assert ev["synth-cap"]["cider"] > 1.5 * caption_scores(rolled, refs, ["cider"])["cider"], ev["synth-cap"]
+    acc = EventAccumulator(s["tensorboard_dir"])
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"eval/synth-cls/accuracy", "eval/synth-cap/cider", "perf/mfu_pct", "loss/valid"} <= scalars
+    assert len(acc.Scalars("eval/synth-cls/accuracy")) >= 2  # a curve, not a point
+    gates = [t for t in scalars if t.startswith("xattn/attn_gate/layer_")]
+    assert gates and any(abs(acc.Scalars(t)[-1].value) > 0 for t in gates)

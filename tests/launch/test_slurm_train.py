@@ -139,9 +139,9 @@ def test_d_sbatch_job_completes_with_tensorboard_and_checkpoints(requeued_job):
     assert len(events) == 2, events  # one writer per run (first run, requeued run)
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    loss = acc.Scalars("train/loss")
+    loss = acc.Scalars("loss/train")
     assert loss[-1].step == MAX_STEPS and all(e.value == e.value for e in loss)
-    assert {"train/lr", "train/tokens_per_s", "valid/loss"} <= set(acc.Tags()["scalars"])
+    assert {"optim/lr", "perf/tokens_per_s", "loss/valid"} <= set(acc.Tags()["scalars"])
 
 
 def test_e_signal_checkpoints_requeues_and_the_requeued_run_resumes(requeued_job):
