@@ -1,4 +1,7 @@
-"""`megaflamingo-preprocess {embed,merge,knn,manifest}` (also `python -m megaflamingo.cli.preprocess`).
+"""`megaflamingo-preprocess {prepare,embed,merge,knn,manifest}` (also `python -m megaflamingo.cli.preprocess`).
+
+    # a public dataset as downloaded -> AF1 manifests (megaflamingo-preprocess prepare --list)
+    megaflamingo-preprocess prepare clotho-v2 --source DATA/clotho --out DATA/manifests
 
     # folder + captions table -> JSONL manifest (for data without AF1's per-dataset scripts)
     megaflamingo-preprocess manifest --folder DATA/clips --labels captions.csv --out train.jsonl \
@@ -82,14 +85,32 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--nprobe", type=int, default=16)
 
     f = sub.add_parser("manifest", help="folder + CSV/JSON of captions or labels -> JSONL manifest")
-    f.add_argument("--folder", required=True)
-    f.add_argument("--labels", required=True, help="CSV/TSV (file,caption[,prompt]) or JSON")
-    f.add_argument("--out", required=True, help="JSONL file to write")
+    f.add_argument("--folder", required=True, help="folder holding the audio files")
+    f.add_argument("--labels", required=True,
+                   help="CSV/TSV, JSON list or {file: caption}, JSONL or YAML table of captions/labels")
+    f.add_argument("--out", required=True,
+                   help="JSONL file to write ({split} in it: one file per --split-column value)")
     f.add_argument("--data-root", help="paths are written relative to this (default: --folder)")
-    f.add_argument("--prompt", default="describe the sound in a sentence.")
-    f.add_argument("--dataset")
-    f.add_argument("--task")
-    f.add_argument("--split")
+    f.add_argument("--prompt", default="describe the sound in a sentence.",
+                   help="prompt of every row without a 'prompt' column (default: %(default)s)")
+    f.add_argument("--file-column", help="column naming the audio file (default: file, path, name, "
+                                         "filename, audio, file_name or fname)")
+    f.add_argument("--file-pattern", help="audio file from the row's columns, e.g. '{youtube_id}.wav' "
+                                          "('.*': any audio extension); instead of --file-column")
+    f.add_argument("--text-column", action="append", dest="text_columns", metavar="COLUMN",
+                   help="column(s) holding the output text; repeatable, globs allowed ('caption_*'); "
+                        "each non-empty cell becomes one row (default: output, caption, label, "
+                        "labels, text or answer)")
+    f.add_argument("--split-column", help="column holding each row's split (with --split: keep only "
+                                          "those rows; without: {split} in --out)")
+    f.add_argument("--start-column", default="audio_start",
+                   help="column holding the start offset in seconds (default: %(default)s)")
+    f.add_argument("--dataset", help="dataset name written into each row")
+    f.add_argument("--task", help="task name written into each row (AF1 CamelCase: AudioCaptioning)")
+    f.add_argument("--split", help="split name written into each row (train, val, test)")
+
+    from preprocess.prepare import add_parser as add_prepare
+    add_prepare(sub)
     return p
 
 
@@ -151,16 +172,21 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=2))
             return 0
         if args.cmd == "manifest":
-            from megaflamingo.data.manifests import build_manifest
+            from megaflamingo.preprocess.manifest import build_manifest
             s = build_manifest(args.folder, args.labels, args.out, prompt=args.prompt,
                                data_root=args.data_root, dataset=args.dataset, task=args.task,
-                               split=args.split)
-            print(json.dumps({"written": s["written"],
+                               split=args.split, file_column=args.file_column,
+                               text_columns=args.text_columns, file_pattern=args.file_pattern,
+                               split_column=args.split_column, start_column=args.start_column)
+            print(json.dumps({"written": s["written"], "manifests": s["manifests"],
                               "labels_without_audio": len(s["labels_without_audio"]),
                               "audio_without_labels": len(s["audio_without_labels"])}, indent=2))
             for name in s["labels_without_audio"][:20]:
                 print(f"[manifest] no audio file for label row {name!r}", file=sys.stderr)
             return 0
+        if args.cmd == "prepare":
+            from preprocess.prepare import run as run_prepare
+            return run_prepare(args)
     except errors as e:
         print(f"megaflamingo-preprocess {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -98,7 +98,7 @@ def build_urbansound8k(ctx: Context, split: str, holdout_fold: int | None, val_f
 
 _FOLD_OPTIONS = (
     Option("holdout_fold", None, "fold that becomes the test split (others: train); default: "
-           "the whole set goes to --split", int),
+           "the whole set goes to the split option", int),
     Option("val_fold", None, "with holdout_fold: fold that becomes the val split", int),
 )
 
