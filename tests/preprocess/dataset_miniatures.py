@@ -26,8 +26,9 @@ class Expected:
     options: dict = field(default_factory=dict)   # options the recipe is run with
 
 
-def wav(root: Path, rel: str, seconds: float = 0.2, seed: int = 0) -> str:
-    write_audio(root / rel, "tone", seconds, SR, seed=seed)
+def wav(root: Path, rel: str, seconds: float = 1.1, seed: int = 0) -> str:
+    """A short noise clip just above AF1's 16000-byte file floor (noise, so FLAC stays large)."""
+    write_audio(root / rel, "white_noise", seconds, SR, seed=seed)
     return rel
 
 
@@ -378,7 +379,7 @@ def make_wavcaps(root: Path) -> Expected:
     base = "waveforms"
     for i, rel in enumerate(["AudioSet_SL_flac/Yb0RFKhbpFJA.flac", "FreeSound_flac/2229.flac",
                              "SoundBible_flac/2229.flac", "BBC_Sound_Effects_flac/07070255.flac"]):
-        write_audio(root / base / rel, "tone", 0.2, SR, seed=i)
+        write_audio(root / base / rel, "white_noise", 1.1, SR, seed=i)
     p = "describe the sound in a sentence."
     return Expected(rows={
         ("WavCaps-AudioSet_SL-AudioCaptioning", "train"):
