@@ -16,8 +16,11 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .base import Context, Option, Recipe, RecipeError, TaskSpec  # noqa: F401  (public API)
 from . import audiocaps, clotho, cochlscene, emotion, fsd50k, macs, music, sound_events, wavcaps
+from .base import Context, Option, Recipe, RecipeError, TaskSpec
+
+__all__ = ["Context", "Option", "Recipe", "RecipeError", "TaskSpec", "RECIPES", "get_recipe",
+           "list_recipes", "prepare", "tasks_by_name"]
 
 _MODULES = (clotho, audiocaps, sound_events, fsd50k, cochlscene, macs, wavcaps, music, emotion)
 RECIPES: dict[str, Recipe] = {}
