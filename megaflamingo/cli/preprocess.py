@@ -109,9 +109,45 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--task", help="task name written into each row (AF1 CamelCase: AudioCaptioning)")
     f.add_argument("--split", help="split name written into each row (train, val, test)")
 
-    from preprocess.prepare import add_parser as add_prepare
-    add_prepare(sub)
+    r = sub.add_parser(
+        "prepare", help="a public dataset as downloaded -> AF1 manifests <Dataset>-<Task>/<split>.jsonl",
+        description="Read a public dataset in its publisher's layout and write AF1-style JSONL "
+                    "manifests OUT/<Dataset>-<Task>/<split>.jsonl (audio paths relative to SOURCE, "
+                    "so embed --data-root SOURCE finds them). stdout: the report as JSON; stderr: "
+                    "one line per manifest and what was missing. Exit 1 when nothing was written.")
+    r.add_argument("recipe", nargs="?", help="dataset recipe, e.g. clotho-v2 (see --list)")
+    r.add_argument("--source", help="the dataset folder, as downloaded and extracted")
+    r.add_argument("--out", help="manifest root; writes OUT/<Dataset>-<Task>/<split>.jsonl")
+    r.add_argument("--audio-pattern",
+                   help="how downloaded clips are named, for datasets that do not ship audio "
+                        "(audiocaps, musiccaps, music-avqa): metadata columns as fields, e.g. "
+                        "'{youtube_id}.wav' or 'audio/{split}/{youtube_id}_{start_time}.flac'; "
+                        "'.*' matches any audio extension")
+    r.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe option (repeatable; each recipe's options are in --list)")
+    r.add_argument("--list", action="store_true",
+                   help="list the recipes with their tasks, splits and options, then exit")
+    r.add_argument("--json", action="store_true", help="with --list: print the list as JSON")
     return p
+
+
+def _prepare(args) -> int:
+    from megaflamingo.preprocess import recipes
+
+    if args.list:
+        if args.json:
+            print(json.dumps([r.describe() for r in recipes.list_recipes()], indent=2))
+        else:
+            print(recipes.describe_recipes())
+        return 0
+    if not args.recipe or not args.source or not args.out:
+        raise recipes.RecipeError("prepare needs RECIPE --source DIR --out DIR (or --list)")
+    opts = recipes.parse_option_pairs(args.option, args.audio_pattern)
+    report = recipes.prepare(args.recipe, args.source, args.out, **opts)
+    for line in recipes.report_lines(report):
+        print(f"[prepare] {line}", file=sys.stderr)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0 if report["total_rows"] else 1
 
 
 def _bad_exit(bad: int, total: int, limit: float, what: str) -> int:
@@ -185,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[manifest] no audio file for label row {name!r}", file=sys.stderr)
             return 0
         if args.cmd == "prepare":
-            from preprocess.prepare import run as run_prepare
-            return run_prepare(args)
+            return _prepare(args)
     except errors as e:
         print(f"megaflamingo-preprocess {args.cmd}: error: {e}", file=sys.stderr)
         return 2

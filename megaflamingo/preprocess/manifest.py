@@ -19,6 +19,7 @@ missing column is an error that lists the columns the table has.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -27,6 +28,7 @@ import string
 from pathlib import Path
 
 from megaflamingo.data.manifests import ManifestError
+from megaflamingo.io import atomic_path, atomic_write_text
 from megaflamingo.preprocess.audio_index import AudioIndex, clean_relative
 from megaflamingo.preprocess.tables import read_records
 
@@ -108,12 +110,13 @@ def build_manifest(folder: str | os.PathLike, labels: str | os.PathLike, out: st
                             "{split} in --out (e.g. manifests/{split}.jsonl)")
 
     index = AudioIndex(folder)
-    writers: dict[str, tuple[Path, Path, object]] = {}
     counts: dict[str, int] = {}
     missing: list[str] = []
     used: set[str] = set()
     prefix = os.path.relpath(folder.resolve(), root.resolve()).replace(os.sep, "/")
-    try:
+    # each output is a temp file until every row was read; any error leaves no file behind
+    with contextlib.ExitStack() as files:
+        writers: dict[str, object] = {}
         for r, row in enumerate(rows):
             row_split = split
             if split_column:
@@ -152,34 +155,21 @@ def build_manifest(folder: str | os.PathLike, labels: str | os.PathLike, out: st
                     raise ManifestError(f"{labels}: row {r + 1}: {start_column!r} is not a number: "
                                         f"{start!r}") from None
             target = str(out).replace("{split}", row_split) if per_split_out else str(out)
-            w = writers.get(target)
-            if w is None:
-                final = Path(target)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-                w = writers[target] = (final, tmp, open(tmp, "w", encoding="utf-8"))
+            fh = writers.get(target)
+            if fh is None:
+                tmp = files.enter_context(atomic_path(target))
+                fh = writers[target] = files.enter_context(open(tmp, "w", encoding="utf-8"))
                 counts[target] = 0
             for t in texts:
                 rec = dict(rec_base, output=" ".join(t.split()))
                 for k, v in (("dataset", dataset), ("task", task), ("split", row_split)):
                     if v:
                         rec[k] = v
-                w[2].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 counts[target] += 1
             used.add(found.rel)
-    except BaseException:
-        for _, tmp, fh in writers.values():
-            fh.close()
-            tmp.unlink(missing_ok=True)
-        raise
-    for final, tmp, fh in writers.values():
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(tmp, final)
-    if not writers and not per_split_out:  # keep the old contract: the file exists, maybe empty
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("", encoding="utf-8")
+    if not counts and not per_split_out:  # the file exists even when no row had its audio
+        atomic_write_text(out, "")
         counts[str(out)] = 0
     return {"written": sum(counts.values()), "labels_without_audio": missing,
             "audio_without_labels": sorted(index.all_files() - used), "manifests": counts}

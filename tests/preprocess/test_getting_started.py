@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dataset_miniatures import make_audiocaps, make_clotho_v2
+from tests.preprocess.dataset_miniatures import make_audiocaps, make_clotho_v2
 
 REPO = Path(__file__).resolve().parents[2]
 DIM, WINDOWS = 32, 4
@@ -34,7 +34,7 @@ def sh(*cmd, env=None, timeout=600):
 def preprocess(*args):
     """`megaflamingo-preprocess ARGS`, in-process (the same main() the console script runs;
     saves a torch import per call)."""
-    from preprocess.cli import main
+    from megaflamingo.cli.preprocess import main
     rc = main([str(a) for a in args])
     assert rc == 0, (args, rc)
 

@@ -83,7 +83,7 @@ def test_errors_list_the_columns_found(tmp_path, clips):
 
 
 def test_cli_manifest_options_and_errors(tmp_path, clips, capsys):
-    from preprocess.cli import main
+    from megaflamingo.cli.preprocess import main
     (tmp_path / "caps.csv").write_text("file_name,caption_1,caption_2\n\"a b, c.wav\",one,two\n")
     assert main(["manifest", "--folder", str(clips), "--labels", str(tmp_path / "caps.csv"),
                  "--out", str(tmp_path / "m.jsonl"), "--text-column", "caption_1",
@@ -93,3 +93,17 @@ def test_cli_manifest_options_and_errors(tmp_path, clips, capsys):
                  "--out", str(tmp_path / "m2.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.csv does not exist" in err[0]
+
+
+def test_build_manifest_from_json_labels(tmp_path):
+    write_audio(tmp_path / "f/a.wav", "tone", 0.5, 16000)
+    write_audio(tmp_path / "f/b.wav", "tone", 0.5, 16000)
+    (tmp_path / "labels.json").write_text(json.dumps({"a.wav": ["cap 1", "cap 2"], "zzz.wav": "x"}))
+    s = build_manifest(tmp_path / "f", tmp_path / "labels.json", tmp_path / "out.jsonl",
+                       data_root=str(tmp_path))
+    recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["output"]) for r in recs] == [("f/a.wav", "cap 1"), ("f/a.wav", "cap 2")]
+    assert s["labels_without_audio"] == ["zzz.wav"] and s["audio_without_labels"] == ["b.wav"]
+    (tmp_path / "bad.csv").write_text("name,whatever\na.wav,x\n")
+    with pytest.raises(ManifestError, match="text column"):
+        build_manifest(tmp_path / "f", tmp_path / "bad.csv", tmp_path / "o2.jsonl")

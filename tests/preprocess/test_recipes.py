@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dataset_miniatures import MINIATURES, make_audiocaps_with_start, make_clotho_v2, wav
+from tests.preprocess.dataset_miniatures import MINIATURES, make_audiocaps_with_start, make_clotho_v2, wav
 
 from megaflamingo.data.manifests import read_manifest
 from megaflamingo.preprocess.recipes import RecipeError, get_recipe, list_recipes, prepare
@@ -193,7 +193,7 @@ def test_rerun_replaces_manifests(tmp_path):
 
 
 def test_cli_prepare_list_and_run(tmp_path, capsys):
-    from preprocess.cli import main
+    from megaflamingo.cli.preprocess import main
     assert main(["prepare", "--list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in listed} == {r.name for r in list_recipes()}
@@ -223,7 +223,7 @@ def test_cli_prepare_list_and_run(tmp_path, capsys):
 
 def test_embed_runs_on_a_recipe_manifest(tmp_path, capsys):
     """The output of a recipe goes straight into `embed` (tiny encoder): names, task, split."""
-    from preprocess.cli import main
+    from megaflamingo.cli.preprocess import main
     src, out, exp, report = run_recipe(tmp_path, "clotho-v2")
     arrow = tmp_path / "arrow" / "Clotho-v2-AudioCaptioning" / "train"
     rc = main(["embed", "--manifest", str(out / "Clotho-v2-AudioCaptioning" / "train.jsonl"),

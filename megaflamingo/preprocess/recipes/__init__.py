@@ -16,6 +16,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from megaflamingo.io import atomic_write_json
+
 from . import audiocaps, clotho, cochlscene, emotion, fsd50k, macs, music, sound_events, wavcaps
 from .base import Context, Option, Recipe, RecipeError, TaskSpec
 
@@ -49,19 +51,67 @@ def tasks_by_name() -> dict[str, str]:
     return {t.name: r.name for r in RECIPES.values() for t in r.tasks}
 
 
+def parse_option_pairs(pairs: list[str], audio_pattern: str | None = None) -> dict[str, str]:
+    """CLI `-o KEY=VALUE` pairs (and `--audio-pattern`) -> the options dict `prepare` takes."""
+    opts: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise RecipeError(f"--option takes KEY=VALUE, got {pair!r}")
+        opts[key.strip()] = value
+    if audio_pattern is not None:
+        opts["audio_pattern"] = audio_pattern
+    return opts
+
+
+def describe_recipes() -> str:
+    """`prepare --list` as text: each recipe, its source layout, the manifests it writes and its
+    options."""
+    lines = []
+    for r in list_recipes():
+        lines.append(f"{r.name}: {r.title}  <{r.homepage}>")
+        lines.append(f"    source: {r.layout}")
+        lines.extend(f"    -> {t.name}/{{{','.join(t.splits)}}}" for t in r.tasks)
+        for o in r.options:
+            choices = f" [{'|'.join(map(str, o.choices))}]" if o.choices else ""
+            lines.append(f"    -o {o.name}=...{choices} (default {o.default!r}): {o.help}")
+    return "\n".join(lines)
+
+
+def report_lines(report: dict) -> list[str]:
+    """The human summary of a `prepare` report: one line per manifest, then what was missing or
+    skipped, then the recipe's notes."""
+    lines = []
+    for m in report["manifests"]:
+        where = m["manifest"] or "(not written: no rows)"
+        lines.append(f"{m['task']}/{m['split']}: {m['rows']} rows, {m['files']} files -> {where}")
+        miss = m["missing_audio"]
+        if miss["files"]:
+            extra = miss["files"] - len(miss["first"])
+            more = f" (+{extra} more)" if extra > 0 else ""
+            lines.append(f"  {miss['files']} files listed in the metadata are not under {report['source']} "
+                         f"({miss['rows']} rows dropped): {', '.join(repr(n) for n in miss['first'])}{more}")
+        lines.extend(f"  {s['count']} metadata rows skipped ({reason})" for reason, s in m["skipped"].items())
+    lines.extend(f"note: {note}" for note in report["notes"])
+    return lines
+
+
 def prepare(name: str, source_dir: str | Path, out_dir: str | Path, **options) -> dict:
     """Run recipe `name` on `source_dir`, writing `out_dir/<Dataset>-<Task>/<split>.jsonl`.
 
     Options are the recipe's own (`get_recipe(name).options`; strings are converted, so CLI
     `key=value` pairs pass through). Returns the report: per manifest the rows and files written,
     the files listed in the metadata but absent on disk (count and first names) and the skipped
-    metadata rows by reason. Raises `RecipeError` (a `ManifestError`) for an unknown recipe or
-    option, or a source folder without the dataset's metadata; a malformed metadata file raises
-    `TableError` naming the file and line. Nothing is written unless the recipe completes."""
+    metadata rows by reason; it is also written to `out_dir/<recipe>.report.json`. Raises
+    `RecipeError` (a `ManifestError`) for an unknown recipe or option, or a source folder without
+    the dataset's metadata; a malformed metadata file raises `TableError` naming the file and line.
+    Nothing is written unless the recipe completes."""
     recipe = get_recipe(name)
     source = Path(source_dir)
     if not source.is_dir():
         raise RecipeError(f"{recipe.name}: source folder {source} does not exist")
+    if "audio_pattern" in options and "audio_pattern" not in {o.name for o in recipe.options}:
+        raise RecipeError(f"{recipe.name} ships its own audio: --audio-pattern does not apply")
     opts = recipe.parse_options(options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,4 +121,6 @@ def prepare(name: str, source_dir: str | Path, out_dir: str | Path, **options) -
     except BaseException:
         ctx.abort()
         raise
-    return ctx.finish()
+    report = ctx.finish()
+    atomic_write_json(out / f"{recipe.name}.report.json", report, sort_keys=False)
+    return report

@@ -9,14 +9,17 @@ files listed in the metadata but absent on disk, metadata rows skipped and why.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from megaflamingo.data.manifests import ManifestError, split_flamingo_task
+from megaflamingo.io import atomic_path
 from megaflamingo.preprocess.audio_index import AudioIndex, Found
 
 FIRST_NAMES = 10  # how many missing / skipped examples a report keeps
@@ -105,9 +108,8 @@ class Recipe:
 class _Split:
     task: str
     split: str
-    tmp: Path
     final: Path
-    fh: Any
+    fh: Any = None                                    # opened at the first row (atomic_path)
     rows: int = 0
     files: set = field(default_factory=set)
     missing: dict = field(default_factory=dict)       # listed name -> reason
@@ -123,6 +125,8 @@ class Context:
         self.index = AudioIndex(self.source)
         self.notes: list[str] = []
         self._splits: dict[tuple[str, str], _Split] = {}
+        # every manifest is written to a temp file and renamed when the whole recipe succeeded
+        self._files = contextlib.ExitStack()
         self._started = time.time()
 
     # ------------------------------------------------------------------ metadata files
@@ -174,12 +178,14 @@ class Context:
         s = self._splits.get(key)
         if s is None:
             self.recipe.task(task)  # a recipe may only write the tasks it declares
-            d = self.out / task
-            d.mkdir(parents=True, exist_ok=True)
-            final = d / f"{split}.jsonl"
-            tmp = d / f".{split}.jsonl.{os.getpid()}.tmp"
-            s = self._splits[key] = _Split(task, split, tmp, final, open(tmp, "w", encoding="utf-8"))
+            s = self._splits[key] = _Split(task, split, self.out / task / f"{split}.jsonl")
         return s
+
+    def _file(self, s: _Split):
+        if s.fh is None:
+            tmp = self._files.enter_context(atomic_path(s.final))
+            s.fh = self._files.enter_context(open(tmp, "w", encoding="utf-8"))
+        return s.fh
 
     def add(self, task: str, split: str, name: str, output: str, prompt: str | None = None,
             audio_start: float | None = None, duration: float | None = None) -> None:
@@ -197,7 +203,7 @@ class Context:
         if duration is not None:
             rec["duration"] = float(duration)
         rec.update(dataset=dataset, task=task_name, split=split)
-        s.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._file(s).write(json.dumps(rec, ensure_ascii=False) + "\n")
         s.rows += 1
         s.files.add(name)
 
@@ -213,38 +219,21 @@ class Context:
 
     # ------------------------------------------------------------------ finishing
     def abort(self) -> None:
-        for s in self._splits.values():
-            s.fh.close()
-            s.tmp.unlink(missing_ok=True)
+        """Drop every temp file; no manifest is touched."""
+        self._files.__exit__(*sys.exc_info())
 
     def finish(self) -> dict:
         """Publish every non-empty manifest (fsync + rename) and return the report."""
+        self._files.close()
         manifests = []
         for (task, split), s in sorted(self._splits.items()):
-            s.fh.flush()
-            os.fsync(s.fh.fileno())
-            s.fh.close()
-            entry = {"task": task, "split": split, "rows": s.rows, "files": len(s.files),
-                     "missing_audio": {"files": len(s.missing), "rows": s.missing_rows,
-                                       "first": list(s.missing)[:FIRST_NAMES],
-                                       "reasons": _count(s.missing.values())},
-                     "skipped": {k: {"count": v[0], "first": v[1]} for k, v in s.skipped.items()}}
-            if s.rows:
-                os.replace(s.tmp, s.final)
-                entry["manifest"] = str(s.final)
-            else:
-                s.tmp.unlink(missing_ok=True)
-                entry["manifest"] = None
-            manifests.append(entry)
-        try:  # make the renames durable
-            for d in {s.final.parent for s in self._splits.values()}:
-                fd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except OSError:
-            pass
+            manifests.append({
+                "task": task, "split": split, "rows": s.rows, "files": len(s.files),
+                "manifest": str(s.final) if s.rows else None,
+                "missing_audio": {"files": len(s.missing), "rows": s.missing_rows,
+                                  "first": list(s.missing)[:FIRST_NAMES],
+                                  "reasons": _count(s.missing.values())},
+                "skipped": {k: {"count": v[0], "first": v[1]} for k, v in s.skipped.items()}})
         return {"recipe": self.recipe.name, "source": str(self.source), "out": str(self.out),
                 "options": self.options, "manifests": manifests, "notes": self.notes,
                 "total_rows": sum(m["rows"] for m in manifests),
