@@ -67,10 +67,12 @@ def record_encoder(cfg: Config) -> Optional[Path]:
     return write_encoder_record(cfg.train.run_dir, rec)
 
 
-def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict) -> None:
-    """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate."""
+def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict,
+               as_json: bool = False) -> None:
+    """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate (``as_json``:
+    one JSON document, the estimate under ``memory_estimate``)."""
     t = cfg.train
-    print(json.dumps({
+    plan = {
         "world_size": world.world_size, "launcher": world.launcher, "zero_stage": zero_stage(ds_config),
         "micro_batch": t.micro_batch_size, "gradient_accumulation": t.gradient_accumulation_steps,
         "global_batch": t.micro_batch_size * t.gradient_accumulation_steps * world.world_size,
@@ -80,11 +82,16 @@ def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dic
         "batches_per_epoch_per_rank": len(train_loader),
         "first_batch_shapes": {k: list(v.shape) for k, v in first.items() if hasattr(v, "shape")},
         "config_notes": list(cfg.notes),
-    }, indent=2))
-    print(memory_estimate(model, ds_config, world.world_size))
+    }
+    estimate = memory_estimate(model, ds_config, world.world_size)
+    if as_json:
+        print(json.dumps(dict(plan, memory_estimate=estimate), indent=2))
+    else:
+        print(json.dumps(plan, indent=2))
+        print(estimate)
 
 
-def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResult]:
+def run(cfg: Config, world: World, dry_run: bool = False, plan_json: bool = False) -> Optional[TrainResult]:
     device = device_for(world)
     init_distributed(world, cfg.train.dist_timeout_s)
     seed_everything(cfg.train.seed, world.rank)
@@ -101,7 +108,7 @@ def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResul
         # Tokenisation, templates and collation work on real rows.
         first = next(iter(train_loader))
         if world.is_main:
-            print_plan(cfg, world, model, ds_config, train_loader, first)
+            print_plan(cfg, world, model, ds_config, train_loader, first, plan_json)
         return None
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (AudioFlamingo always is)

@@ -41,6 +41,11 @@ def test_extras_hold_nothing_a_resolver_cannot_install(monkeypatch):
         assert not set(names) & set(NO_EXTRA), (extra, names)
     script = (REPO / "scripts" / "install_cluster.sh").read_text()
     assert '-e ".[encoders,gpu]"' in script and "--no-deps" in script and "laion-clap==" in script
+    # the README's cluster command is the one tested below
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Installing on a GPU cluster"):]
+    command = section[section.index("```bash"):section.index("```", section.index("```bash") + 7)]
+    assert "bash scripts/install_cluster.sh" in command, command
 
 
 def _fresh_env_with_stand_in_torch(tmp_path) -> Path:
