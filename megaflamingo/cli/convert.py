@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ai = sub.add_parser("af1-import", help="AF1 foundation.pt / chat.pt (or its parts) -> our model directory")
     ai.add_argument("inputs", nargs="+", help="the .pt file, its parts, or a directory of parts")
-    ai.add_argument("out")
+    ai.add_argument("out", help="output model directory")
     ai.add_argument("--config", required=True, help="our YAML (or AF1's YAML) describing the model/LM/tokenizer")
     ai.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help=shard_help)
     common(ai)

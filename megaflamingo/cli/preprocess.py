@@ -27,7 +27,7 @@ import sys
 from megaflamingo.audio.decode import AF1_MIN_FILE_BYTES
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaflamingo-preprocess",
                                 description="Offline preprocessing: audio -> Arrow window embeddings")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -205,7 +205,7 @@ def _device(dev: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from megaflamingo.audio.encoders import EncoderError
     from megaflamingo.data.arrow_format import FormatError
     from megaflamingo.data.knn import KnnError

@@ -17,7 +17,7 @@ from megaflamingo.engine import stop
 from megaflamingo.engine.trainer import EXIT_SIGNAL
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaflamingo-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="stage YAML (ours or AF1's dialect)")
@@ -29,7 +29,11 @@ def parse_args(argv=None):
     p.add_argument("--placeholder", action="append", default=[], metavar="NAME=VALUE",
                    help="value for a ${NAME} / YOUR_NAME placeholder in the config (repeatable)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

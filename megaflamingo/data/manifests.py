@@ -15,8 +15,6 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaflamingo.io import atomic_path
-
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 
 

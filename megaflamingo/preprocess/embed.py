@@ -77,14 +77,11 @@ CONFIG_FIELDS = {
 
 def options_from_config(cfg, given: dict, src: str = "the config") -> dict:
     """EmbedOptions fields from a training config (``megaflamingo.config.Config``), so the data is made
-    for exactly the model that config trains: its encoder section, checked against its model section.
+    for exactly the model that config trains: its encoder section.
     ``given``: fields set by explicit flags; one that disagrees with the config is an error naming both
-    (a checkpoint the config leaves empty may be given)."""
-    e, m = cfg.encoder, cfg.model
-    if e.embed_dim != m.audio_embed_dim:
-        raise EmbedError(f"{src}: encoder.embed_dim={e.embed_dim} but model.audio_embed_dim={m.audio_embed_dim}")
-    if e.max_windows != m.max_num_window:
-        raise EmbedError(f"{src}: encoder.max_windows={e.max_windows} but model.max_num_window={m.max_num_window}")
+    (a checkpoint the config leaves empty may be given). The config's own rules keep its encoder
+    section equal to the model's (embed_dim, max_windows)."""
+    e = cfg.encoder
     vals = {"encoder": e.name, "checkpoint": e.checkpoint or None, "random_init": e.random_init,
             "window_s": e.window_s, "overlap_s": e.overlap_s, "max_windows": e.max_windows,
             "clip_checkpoint": e.clip_checkpoint or None, "fusion": e.clip_fusion, "sample_rate": e.sample_rate}

@@ -1,10 +1,12 @@
 """docs/getting-started.md end to end on miniatures: downloaded Clotho + AudioCaps (published
-layouts) -> prepare -> embed -> configs/custom.yaml training on 2 processes -> export -> infer.
+layouts) -> prepare -> embed --config -> train --dry-run -> configs/custom.yaml training on 2
+processes -> export / zero-to-fp32 / split -> infer on each, and transformers' from_pretrained.
 
-The commands are the page's, run as subprocesses the way a user types them; only the sizes differ:
-the `tiny` encoder and a tiny random LM instead of ClapCap and OPT-IML (no weights, no hub), and a
-few steps. The config is configs/custom.yaml with exactly those model/encoder/budget fields
-replaced, so its data and stage settings are what is tested."""
+The commands are the page's; only the sizes differ: the `tiny` encoder and a tiny random LM instead
+of ClapCap and OPT-IML (no weights, no hub), and a few steps. The config is configs/custom.yaml with
+exactly those model/encoder/budget fields replaced, so its data and stage settings are what is
+tested. Where the point is what a script reads on stdout (`--json`: one document) the command runs
+as a subprocess; the others call the same main() in-process (one torch import)."""
 from __future__ import annotations
 
 import json
@@ -15,28 +17,31 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.preprocess.dataset_miniatures import make_audiocaps, make_clotho_v2
 
 REPO = Path(__file__).resolve().parents[2]
 DIM, WINDOWS = 32, 4
+CLOTHO, AUDIOCAPS = "Clotho-v2-AudioCaptioning", "audiocaps-AudioCaptioning"
 
 
-def sh(*cmd, env=None, timeout=600):
-    full = dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    full.update(env or {})
-    r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=full, capture_output=True, text=True,
-                       timeout=timeout)
+def sh(*cmd, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
 
 
-def preprocess(*args):
-    """`megaflamingo-preprocess ARGS`, in-process (the same main() the console script runs;
-    saves a torch import per call)."""
-    from megaflamingo.cli.preprocess import main
+def one_json_document(r) -> dict:
+    """stdout of a --json command: exactly one JSON document, nothing before or after it."""
+    return json.loads(r.stdout)
+
+
+def cli(module: str, *args) -> None:
+    main = __import__(f"megaflamingo.cli.{module}", fromlist=["main"]).main
     rc = main([str(a) for a in args])
-    assert rc == 0, (args, rc)
+    assert rc == 0, (module, args, rc)
 
 
 def small_custom_config(tmp_path, arrow: Path, run_dir: Path) -> Path:
@@ -58,53 +63,92 @@ def small_custom_config(tmp_path, arrow: Path, run_dir: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_clotho_audiocaps_to_trained_model(tmp_path):
+def prepare_and_embed(tmp_path) -> tuple[Path, Path, Path, Path]:
+    """Steps 2 and 3 of the page: manifests from the downloaded layouts, then one embed --config per split."""
     data, manifests, arrow = tmp_path / "datasets", tmp_path / "manifests", tmp_path / "arrow"
     make_clotho_v2(data / "clotho")
     make_audiocaps(data / "audiocaps")
-
-    # 1. manifests from the downloaded layouts
-    preprocess("prepare", "clotho-v2", "--source", data / "clotho", "--out", manifests)
-    preprocess("prepare", "audiocaps", "--source", data / "audiocaps", "--out", manifests,
-               "--audio-pattern", "{youtube_id}.*")
-    # 2. window embeddings, one Arrow split per manifest
-    for ds, src in (("Clotho-v2-AudioCaptioning", "clotho"), ("audiocaps-AudioCaptioning", "audiocaps")):
+    cli("preprocess", "prepare", "clotho-v2", "--source", data / "clotho", "--out", manifests)
+    cli("preprocess", "prepare", "audiocaps", "--source", data / "audiocaps", "--out", manifests,
+        "--audio-pattern", "{youtube_id}.*")
+    cfg = small_custom_config(tmp_path, arrow, tmp_path / "run")
+    for ds, src in ((CLOTHO, "clotho"), (AUDIOCAPS, "audiocaps")):
         for split in ("train", "val", "test"):
-            preprocess("embed", "--manifest", manifests / ds / f"{split}.jsonl", "--data-root", data / src,
-                       "--out", arrow / ds / split, "--encoder", "tiny", "--embed-dim", DIM,
-                       "--max-windows", WINDOWS, "--workers", "0", "--no-progress")
-            assert (arrow / ds / split / "metadata.json").is_file()
-    # 3. configs/custom.yaml (tiny model) on 2 processes
-    run_dir = tmp_path / "run"
-    cfg = small_custom_config(tmp_path, arrow, run_dir)
-    dry = sh(sys.executable, "-m", "megaflamingo.engine.cli", "--config", cfg, "--dry-run")
-    plan, _ = json.JSONDecoder().raw_decode(dry.stdout[dry.stdout.index("{"):])  # + a memory table
-    assert plan["datasets"] == ["Clotho-v2-AudioCaptioning/train", "audiocaps-AudioCaptioning/train"]
-    sh(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-       "--nproc_per_node", "2", "-m", "megaflamingo.engine.cli", "--config", cfg, timeout=900)
-    assert (run_dir / "checkpoints" / "latest").is_file()
-    # 4. export and answer the evaluation clips
-    sh(sys.executable, "-m", "tools.convert", "export", run_dir / "checkpoints", tmp_path / "model")
-    preds = tmp_path / "preds.jsonl"
-    sh(sys.executable, "-m", "megaflamingo.inference.cli", "--model", tmp_path / "model", "--manifest",
-       manifests / "Clotho-v2-AudioCaptioning" / "test.jsonl", "--data-root", data / "clotho",
-       "--out", preds, "--device", "cpu", "--max-new-tokens", "4", "--no-progress")
-    rows = [json.loads(x) for x in preds.read_text().splitlines()]
-    assert len(rows) == 4 and all(isinstance(r.get("output", r.get("prediction")), str) for r in rows)
+            cli("preprocess", "embed", "--config", cfg, "--manifest", manifests / ds / f"{split}.jsonl",
+                "--data-root", data / src, "--workers", "0", "--no-progress")
+    return data, manifests, arrow, cfg
 
 
-@pytest.mark.xfail(strict=False, reason="embed --config (settings from the training config) is not there yet")
-def test_embed_takes_its_settings_from_the_training_config(tmp_path):
-    """The page's shorter form: `embed --config configs/custom.yaml` takes encoder, dims, windows and
-    sample rate from the config, so dataset and model cannot disagree."""
+def test_embed_takes_its_settings_from_the_training_config(tmp_path, capsys):
+    """`embed --config` makes data for exactly the config's model (encoder, dimension, windows, sample
+    rate; --out under data.data_root), and a flag that contradicts the config is refused."""
     data, manifests = tmp_path / "datasets", tmp_path / "manifests"
     make_clotho_v2(data / "clotho")
-    preprocess("prepare", "clotho-v2", "--source", data / "clotho", "--out", manifests)
+    cli("preprocess", "prepare", "clotho-v2", "--source", data / "clotho", "--out", manifests)
     cfg = small_custom_config(tmp_path, tmp_path / "arrow", tmp_path / "run")
-    out = tmp_path / "arrow" / "Clotho-v2-AudioCaptioning" / "train"
-    preprocess("embed", "--config", cfg, "--manifest", manifests / "Clotho-v2-AudioCaptioning" / "train.jsonl",
-               "--data-root", data / "clotho", "--out", out, "--workers", "0", "--min-file-bytes", "0")
-    meta = json.loads((out / "metadata.json").read_text())
-    assert meta["encoder"]["embed_dim"] == DIM and meta["windows"]["max_windows"] == WINDOWS
+    train = manifests / CLOTHO / "train.jsonl"
+    cli("preprocess", "embed", "--config", cfg, "--manifest", train, "--data-root", data / "clotho",
+        "--workers", "0", "--no-progress")
+    meta = json.loads((tmp_path / "arrow" / CLOTHO / "train" / "metadata.json").read_text())
+    assert meta["encoder"]["name"] == "tiny" and meta["encoder"]["embed_dim"] == DIM
+    assert meta["encoder"]["sample_rate"] == 44100 and meta["windows"]["max_windows"] == WINDOWS
+    capsys.readouterr()
+
+    from megaflamingo.cli.preprocess import main
+    argv = ["embed", "--config", str(cfg), "--manifest", str(train), "--data-root", str(data / "clotho"),
+            "--out", str(tmp_path / "other"), "--workers", "0"]
+    assert main(argv + ["--max-windows", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-windows 16 contradicts encoder.max_windows=4 in" in err and "Traceback" not in err
+    clap = yaml.safe_load(cfg.read_text())
+    clap["encoder"].update(name="clapcap", random_init=True, embed_dim=1024, max_windows=16, sample_rate=16000)
+    clap["model"].update(audio_embed_dim=1024, max_num_window=16)
+    clap["model"]["audio_transformer"].update(max_num_media=16, max_window_per_audio=16)
+    (tmp_path / "clap.yaml").write_text(yaml.safe_dump(clap, sort_keys=False))
+    assert main(["embed", "--config", str(tmp_path / "clap.yaml")] + argv[3:]) == 2
+    assert "encoder clapcap works at 44100 Hz, the config's encoder.sample_rate is 16000" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_clotho_audiocaps_to_trained_model(tmp_path):
+    data, manifests, arrow, cfg = prepare_and_embed(tmp_path)
+    run_dir = tmp_path / "run"
+
+    # 4. check, then train on 2 processes
+    plan = one_json_document(sh(sys.executable, "-m", "megaflamingo.cli.train", "--config", cfg, "--dry-run",
+                                "--json"))
+    assert plan["datasets"] == [f"{CLOTHO}/train", f"{AUDIOCAPS}/train"] and "memory_estimate" in plan
+    sh(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+       "-m", "megaflamingo.cli.train", "--config", cfg, timeout=900)
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+    # 5. the model: export, or consolidate the run dir, or re-shard; infer takes each, and the run dir
+    cli("convert", "export", run_dir / "checkpoints", tmp_path / "model", "--no-progress")
+    preds = tmp_path / "preds.jsonl"
+    cli("infer", "--model", tmp_path / "model", "--manifest", manifests / CLOTHO / "test.jsonl", "--data-root",
+        data / "clotho", "--out", preds, "--device", "cpu", "--max-new-tokens", "4", "--no-progress")
+    rows = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r.get("prediction"), str) for r in rows)
+
+    fp32 = tmp_path / "fp32"
+    done = one_json_document(sh(sys.executable, "-m", "megaflamingo.cli.convert", "zero-to-fp32", run_dir, fp32,
+                                "--json", "--no-progress"))
+    assert done["out"] == str(fp32) and (fp32 / "config.json").is_file() and (fp32 / "encoder.json").is_file()
+    cli("convert", "split", fp32, tmp_path / "parts", "--max-size", "60KB", "--no-progress")
+    clip = str(data / "clotho" / json.loads((manifests / CLOTHO / "test.jsonl").read_text().splitlines()[0])["name"])
+    ask = ["--audio", clip, "--prompt", "describe the sound in a sentence.", "--max-new-tokens", "3", "--json"]
+    for model in (fp32, tmp_path / "parts"):
+        cli("infer", "--model", model, *ask)
+    answer = one_json_document(sh(sys.executable, "-m", "megaflamingo.cli.infer", "--model", run_dir, *ask))
+    assert isinstance(answer["answer"], str)
+
+    # the exported directory is a Hugging Face model directory
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaflamingo.checkpoint.model_dir import load_model_dir
+
+    ours = load_model_dir(tmp_path / "parts", with_encoder=False).model
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), hf.state_dict().values()))

@@ -23,7 +23,7 @@ def test_every_recipe_and_task_is_in_docs_datasets():
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from megaflamingo.cli.preprocess import _parser
+    from megaflamingo.cli.preprocess import build_parser as _parser
     action = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 

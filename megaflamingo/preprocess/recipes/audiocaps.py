@@ -38,18 +38,15 @@ def pattern_fields(pattern: str) -> list[str]:
 
 
 def build(ctx: Context, audio_pattern: str, full_videos: bool, metadata_dir: str | None) -> None:
-    found_any = False
     fields = pattern_fields(audio_pattern)
-    for split in ("train", "val", "test"):
-        cands = ([f"{metadata_dir}/{split}.csv"] if metadata_dir else
-                 [f"dataset/{split}.csv", f"{split}.csv", f"audiocaps/dataset/{split}.csv"])
-        csv_path = ctx.find(*cands, required=False, max_depth=2)
-        if csv_path is None:
-            ctx.note(f"{split}.csv not found; split {split} not written")
-            continue
+    wanted = [(split, (f"{metadata_dir}/{split}.csv",) if metadata_dir else
+               (f"dataset/{split}.csv", f"{split}.csv", f"audiocaps/dataset/{split}.csv"), f"{split}.csv")
+              for split in ("train", "val", "test")]
+    none = ("train.csv / val.csv / test.csv (the CSVs of github.com/cdjkim/audiocaps, dataset/; or pass "
+            "metadata_dir=...)")
+    for split, csv_path in ctx.each_metadata(wanted, none, max_depth=2):
         table = read_table(csv_path)
         table.require("youtube_id", "caption")
-        found_any = True
         unknown = [f for f in fields if f != "split" and f not in table.columns]
         if unknown:
             raise RecipeError(f"audiocaps: audio_pattern {audio_pattern!r} uses "
@@ -78,10 +75,6 @@ def build(ctx: Context, audio_pattern: str, full_videos: bool, metadata_dir: str
                     continue
             ctx.add(TASK, split, name, caption, audio_start=start,
                     duration=10.0 if full_videos else None)
-    if not found_any:
-        raise RecipeError(f"audiocaps: no train.csv / val.csv / test.csv under {ctx.source} "
-                          f"(the CSVs of github.com/cdjkim/audiocaps, dataset/; or pass "
-                          f"metadata_dir=...)")
 
 
 RECIPES = (

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from megaflamingo.data.manifests import ManifestError, split_flamingo_task
 from megaflamingo.io import atomic_path
@@ -155,6 +155,22 @@ class Context:
             raise RecipeError(f"{self.recipe.name}: {what or 'metadata'} not found under "
                               f"{self.source} (looked for {', '.join(candidates)})")
         return None
+
+    def each_metadata(self, wanted: Iterable[tuple[Any, tuple[str, ...], str]], none_found: str,
+                      max_depth: int = 3) -> Iterator[tuple[Any, Path]]:
+        """For each ``(key, candidate paths, what it is)``: ``(key, the first candidate found)`` (see
+        :meth:`find`). One not found is noted in the report (what it would have written is not);
+        when none is found at all, a ``RecipeError`` naming ``none_found``."""
+        found = False
+        for key, candidates, what in wanted:
+            path = self.find(*candidates, required=False, max_depth=max_depth)
+            if path is None:
+                self.note(f"{what} not found; not written")
+                continue
+            found = True
+            yield key, path
+        if not found:
+            raise RecipeError(f"{self.recipe.name}: no {none_found} under {self.source}")
 
     def rel(self, path: Path) -> str:
         return os.path.relpath(path, self.source).replace(os.sep, "/")

@@ -24,7 +24,7 @@ import re
 from megaflamingo.preprocess.tables import read_table
 
 from . import prompts
-from .base import Context, Option, Recipe, RecipeError, TaskSpec
+from .base import Context, Option, Recipe, TaskSpec
 
 CLOTHO_TASK = "Clotho-v2-AudioCaptioning"
 CLOTHO_SPLITS = (("development", "train"), ("validation", "val"), ("evaluation", "test"))
@@ -32,15 +32,10 @@ _CAPTION_COL = re.compile(r"^caption_(\d+)$")
 
 
 def build_clotho_v2(ctx: Context, validation_as: str) -> None:
-    found_any = False
-    for folder, split in CLOTHO_SPLITS:
-        if folder == "validation" and validation_as != "val":
-            split = validation_as
-        csv_path = ctx.find(f"clotho_captions_{folder}.csv", required=False)
-        if csv_path is None:
-            ctx.note(f"{folder}: clotho_captions_{folder}.csv not found; split {split} not written")
-            continue
-        found_any = True
+    splits = [(folder, validation_as if folder == "validation" else split) for folder, split in CLOTHO_SPLITS]
+    wanted = [((folder, split), (f"clotho_captions_{folder}.csv",), f"clotho_captions_{folder}.csv (split {split})")
+              for folder, split in splits]
+    for (folder, split), csv_path in ctx.each_metadata(wanted, "clotho_captions_*.csv"):
         table = read_table(csv_path)
         table.require("file_name")
         caps = sorted((c for c in table.columns if _CAPTION_COL.match(c)),
@@ -58,8 +53,6 @@ def build_clotho_v2(ctx: Context, validation_as: str) -> None:
                     ctx.add(CLOTHO_TASK, split, name, row[c])
                 else:
                     ctx.skip(CLOTHO_TASK, split, "empty_caption", f"{row['file_name']} {c}")
-    if not found_any:
-        raise RecipeError(f"clotho-v2: no clotho_captions_*.csv under {ctx.source}")
 
 
 AQA_TASK = "Clotho-AQA-AQA"
@@ -67,14 +60,9 @@ _CONFIDENCE_RANK = {"no": 0, "maybe": 1, "yes": 2}
 
 
 def build_clotho_aqa(ctx: Context, min_confidence: str) -> None:
-    found_any = False
     floor = {"any": -1, "maybe": 1, "yes": 2}[min_confidence]
-    for split in ("train", "val", "test"):
-        csv_path = ctx.find(f"clotho_aqa_{split}.csv", required=False)
-        if csv_path is None:
-            ctx.note(f"clotho_aqa_{split}.csv not found; split {split} not written")
-            continue
-        found_any = True
+    wanted = [(split, (f"clotho_aqa_{split}.csv",), f"clotho_aqa_{split}.csv") for split in ("train", "val", "test")]
+    for split, csv_path in ctx.each_metadata(wanted, "clotho_aqa_*.csv"):
         table = read_table(csv_path)
         table.require("file_name", "QuestionText", "answer")
         has_conf = "confidence" in table.columns
@@ -92,8 +80,6 @@ def build_clotho_aqa(ctx: Context, min_confidence: str) -> None:
                              expected_dir=audio_dir)
             if name is not None:
                 ctx.add(AQA_TASK, split, name, row["answer"], prompt=prompts.question(row["QuestionText"]))
-    if not found_any:
-        raise RecipeError(f"clotho-aqa: no clotho_aqa_*.csv under {ctx.source}")
 
 
 RECIPES = (

@@ -16,20 +16,16 @@ from __future__ import annotations
 from megaflamingo.preprocess.tables import read_table
 
 from . import prompts
-from .base import Context, Recipe, RecipeError, TaskSpec, label_text
+from .base import Context, Recipe, TaskSpec, label_text
 
 TASK = "FSD50k-EventClassification"
 
 
 def build(ctx: Context) -> None:
-    sources = (("dev.csv", "FSD50K.dev_audio"), ("eval.csv", "FSD50K.eval_audio"))
-    found_any = False
-    for csv_name, audio_folder in sources:
-        meta = ctx.find(f"FSD50K.ground_truth/{csv_name}", required=False, max_depth=2)
-        if meta is None:
-            ctx.note(f"FSD50K.ground_truth/{csv_name} not found; skipped")
-            continue
-        found_any = True
+    wanted = [((csv, audio), (f"FSD50K.ground_truth/{csv}",), f"FSD50K.ground_truth/{csv}")
+              for csv, audio in (("dev.csv", "FSD50K.dev_audio"), ("eval.csv", "FSD50K.eval_audio"))]
+    for (csv_name, audio_folder), meta in ctx.each_metadata(wanted, "FSD50K.ground_truth/dev.csv or eval.csv",
+                                                             max_depth=2):
         table = read_table(meta)
         table.require("fname", "labels")
         if csv_name == "dev.csv":
@@ -49,8 +45,6 @@ def build(ctx: Context) -> None:
                              prefer=(audio_folder,), expected_dir=audio_dir)
             if name is not None:
                 ctx.add(TASK, split, name, ", ".join(labels))
-    if not found_any:
-        raise RecipeError(f"fsd50k: no FSD50K.ground_truth/dev.csv or eval.csv under {ctx.source}")
 
 
 RECIPES = (

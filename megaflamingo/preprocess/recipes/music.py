@@ -107,13 +107,9 @@ def nsynth_mir_output(note: dict) -> str:
 
 def build_nsynth(ctx: Context, tasks: str) -> None:
     wanted = _nsynth_tasks(tasks)
-    found_any = False
-    for folder, split in NSYNTH_SPLITS:
-        meta = ctx.find(f"{folder}/examples.json", required=False)
-        if meta is None:
-            ctx.note(f"{folder}/examples.json not found; split {split} not written")
-            continue
-        found_any = True
+    files = [((folder, split), (f"{folder}/examples.json",), f"{folder}/examples.json (split {split})")
+             for folder, split in NSYNTH_SPLITS]
+    for (folder, split), meta in ctx.each_metadata(files, "nsynth-{train,valid,test}/examples.json"):
         notes = read_json(meta)
         if not isinstance(notes, dict):
             raise TableError(f"{meta}: expected an object keyed by note id")
@@ -142,8 +138,6 @@ def build_nsynth(ctx: Context, tasks: str) -> None:
                         ctx.add(task, split, name, ", ".join(q))
                     else:
                         ctx.skip(task, split, "no_qualities", key)
-    if not found_any:
-        raise RecipeError(f"nsynth: no nsynth-{{train,valid,test}}/examples.json under {ctx.source}")
 
 
 # ------------------------------------------------------------------------------- Medley-solos-DB
@@ -236,14 +230,9 @@ def avqa_question(item: dict) -> str | None:
 
 
 def build_music_avqa(ctx: Context, audio_pattern: str, avqa_visual: bool) -> None:
-    found_any = False
-    for split in ("train", "val", "test"):
-        meta = ctx.find(f"avqa-{split}.json", f"data/json/avqa-{split}.json",
-                        f"data/json_update/avqa-{split}.json", required=False)
-        if meta is None:
-            ctx.note(f"avqa-{split}.json not found; split {split} not written")
-            continue
-        found_any = True
+    files = [(split, (f"avqa-{split}.json", f"data/json/avqa-{split}.json", f"data/json_update/avqa-{split}.json"),
+              f"avqa-{split}.json") for split in ("train", "val", "test")]
+    for split, meta in ctx.each_metadata(files, "avqa-{train,val,test}.json"):
         items = read_json(meta)
         if not isinstance(items, list):
             raise TableError(f"{meta}: expected a list of question objects")
@@ -272,8 +261,6 @@ def build_music_avqa(ctx: Context, audio_pattern: str, avqa_visual: bool) -> Non
                 name = ctx.audio(t, split, audio_pattern.format_map(values), found=found)
                 if name is not None:
                     ctx.add(t, split, name, str(item["anser"]), prompt=prompts.question(question))
-    if not found_any:
-        raise RecipeError(f"music-avqa: no avqa-{{train,val,test}}.json under {ctx.source}")
 
 
 RECIPES = (

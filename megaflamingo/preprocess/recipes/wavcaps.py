@@ -46,15 +46,10 @@ def build(ctx: Context, sources: str, exclude_ids: str | None) -> None:
             path = ctx.source / exclude_ids
         text, _ = decode_text(path)
         excluded = {ln.strip() for ln in text.splitlines() if ln.strip()}
-    found_any = False
-    for source in wanted:
+    files = [(source, (f"json_files/{source}/{SOURCES[source]}", f"{source}/{SOURCES[source]}", SOURCES[source]),
+              f"{SOURCES[source]} ({task_name(source)})") for source in wanted]
+    for source, meta in ctx.each_metadata(files, f"one of {', '.join(SOURCES[s] for s in wanted)}"):
         task = task_name(source)
-        meta = ctx.find(f"json_files/{source}/{SOURCES[source]}", f"{source}/{SOURCES[source]}",
-                        SOURCES[source], required=False)
-        if meta is None:
-            ctx.note(f"{SOURCES[source]} not found; {task} not written")
-            continue
-        found_any = True
         obj = read_json(meta)
         rows = obj.get("data") if isinstance(obj, dict) else obj
         if not isinstance(rows, list):
@@ -75,8 +70,6 @@ def build(ctx: Context, sources: str, exclude_ids: str | None) -> None:
             dur = r.get("duration")
             ctx.add(task, "train", name, str(r["caption"]),
                     duration=float(dur) if isinstance(dur, (int, float)) else None)
-    if not found_any:
-        raise RecipeError(f"wavcaps: none of {', '.join(SOURCES[s] for s in wanted)} under {ctx.source}")
 
 
 RECIPES = (
