@@ -205,3 +205,30 @@ def test_af1_import_errors(trained, tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatch: audio_transformer\.layer_stack"):
         af1_import(tmp_path / "foundation.pt", tmp_path / "o2", other, progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+def test_push_to_hub_uploads_a_loadable_model_dir(trained, tmp_path, monkeypatch):
+    """push_to_hub (transformers' own, on top of save_pretrained) with the hub replaced by a folder:
+    what would be uploaded loads back as the same model."""
+    import shutil
+
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    run, model, ids = trained
+    uploaded = tmp_path / "hub" / "me" / "tiny-af"
+
+    class Repo:
+        repo_id = "me/tiny-af"
+
+    def create_commit(self, repo_id, operations, **kw):
+        uploaded.mkdir(parents=True)
+        for op in operations:
+            shutil.copyfile(op.path_or_fileobj, uploaded / op.path_in_repo)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model.push_to_hub("me/tiny-af", max_shard_size="50KB")
+    assert len(list(uploaded.glob("model-*.safetensors"))) > 2 and (uploaded / "config.json").is_file()
+    batch = tiny_batch(model, ids)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(uploaded).eval(), batch), logits(model, batch))

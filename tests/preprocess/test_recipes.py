@@ -239,3 +239,38 @@ def test_embed_runs_on_a_recipe_manifest(tmp_path, capsys):
             rows += pa.ipc.open_file(f).read_all().to_pylist()
     assert [r["path"] for r in rows] == [r[0] for r in exp.rows[("Clotho-v2-AudioCaptioning", "train")]]
     assert {r["task"] for r in rows} == {"Clotho-v2-AudioCaptioning"}
+
+
+@pytest.mark.slow
+def test_every_recipe_output_embeds_and_trains(tmp_path, capsys):
+    """Every recipe's manifests, from its miniature: `embed --config` (tiny encoder) writes each split,
+    and `megaflamingo-train --dry-run` accepts a blend of all of them (pre-flight, loaders, templates,
+    a first collated batch)."""
+    import yaml
+
+    from megaflamingo.cli.preprocess import main as preprocess
+    from megaflamingo.cli.train import main as train
+    from megaflamingo.testing.tiny_task import tiny_raw_config
+
+    arrow = tmp_path / "arrow"
+    raw = tiny_raw_config(embed_dim=8, windows=4)
+    raw["data"] = {"data_root": str(arrow), "blend": {}, "num_workers": 0}
+    raw["train"] = {"run_dir": str(tmp_path / "run"), "micro_batch_size": 2, "progress_bar": False}
+    cfg = tmp_path / "embed.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    splits = []
+    for name, make in sorted(MINIATURES.items()):
+        src, out = tmp_path / "src" / name, tmp_path / "manifests" / name
+        src.mkdir(parents=True)
+        prepare(name, src, out, **make(src).options)
+        for manifest in sorted(out.glob("*/*.jsonl")):
+            assert preprocess(["embed", "--config", str(cfg), "--manifest", str(manifest), "--data-root", str(src),
+                               "--workers", "0", "--no-progress", "--min-file-bytes", "0"]) == 0, manifest
+            splits.append(f"{manifest.parent.name}/{manifest.stem}")
+    assert len({s.split("/")[0] for s in splits}) >= 20  # every task of the 16 recipes
+    raw["data"]["blend"] = {s: {"weight": 1.0} for s in splits}
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    capsys.readouterr()
+    assert train(["--config", str(cfg), "--dry-run", "--json"]) == 0, capsys.readouterr().err[-3000:]
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["datasets"] == splits and plan["first_batch_shapes"]["audio_embeds"][-1] == 8
