@@ -41,21 +41,22 @@ setup(
         "accelerate>=1.1",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 partitioned LM loading)
     ],
     extras_require={
-        # The real audio encoders. laion-clap and msclap pin numpy<2 and pull torchvision/torchaudio,
-        # so on CPU machines bootstrap.sh installs them with --no-deps plus what they really need.
+        # What the real audio encoders' model code imports. laion-clap and msclap themselves are
+        # NOT listed: they pin numpy<2 (the core needs numpy>=2 for pyarrow) and pull torchaudio /
+        # torchvision, so no resolver can satisfy them here. scripts/install_cluster.sh (and
+        # bootstrap.sh on CPU machines) installs them with --no-deps after this extra.
         "encoders": [
-            "laion-clap>=1.1.4",
-            "msclap>=1.3.3",
             "torchlibrosa>=0.1.0",
             "librosa>=0.10",
             "h5py",
             "ftfy",
             "braceexpand",
-            "webdataset",
-            "wget",
         ],
+        # Build prerequisites of flash-attn, which is built against the installed torch/CUDA with
+        # `pip install flash-attn --no-build-isolation` (scripts/install_cluster.sh --flash-attn):
+        # listed here it would be built in an isolated environment without torch and fail.
         # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): see README.
-        "gpu": ["flash-attn>=2.5"],
+        "gpu": ["ninja", "packaging", "psutil", "einops"],
         # megaflamingo-eval: captioning metrics (needs a Java runtime: apt default-jre-headless) and
         # classification / multi-label metrics.
         "eval": ["pycocoevalcap>=1.2", "scikit-learn>=1.3"],

@@ -126,7 +126,7 @@ def bench_model(name, cfg, args, dev):
     B, T, D, wpa, shots = args.batch, args.seq, 1024 if name != "tiny" else 64, 16, 8
     media_id = cfg.vocab_size - 2
     lm = AutoModelForCausalLM.from_config(cfg)
-    model = AudioFlamingo(lm, _tokens(cfg), _model_config(D, wpa, shots, d_inner=2048 if name != "tiny" else 128)
+    model = AudioFlamingo.from_lm(lm, _tokens(cfg), _model_config(D, wpa, shots, d_inner=2048 if name != "tiny" else 128)
                           ).to(dev).train()
     for b in model.xattn_blocks():
         with torch.no_grad():
@@ -160,7 +160,7 @@ def bench_loss_logits(args, dev):
                     word_embed_proj_dim=768, dropout=0.0, attention_dropout=0.0)
     media_id = cfg.vocab_size - 2
     lm = AutoModelForCausalLM.from_config(cfg)
-    model = AudioFlamingo(lm, _tokens(cfg), _model_config(D, wpa, shots)).to(dev).train()
+    model = AudioFlamingo.from_lm(lm, _tokens(cfg), _model_config(D, wpa, shots)).to(dev).train()
     model.lang_encoder.requires_grad_(False)  # pretrain: LM (and its head) frozen, xattn trainable
     for b in model.xattn_blocks():
         b.requires_grad_(True)

@@ -33,9 +33,15 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
 args=(-np "$NP" --bind-to none --map-by slot)
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
-# -x: copy these variables to ranks on other hosts (local ranks inherit the whole environment).
-for var in PATH LD_LIBRARY_PATH PYTHONPATH PYTHONUNBUFFERED OMP_NUM_THREADS MASTER_PORT MASTER_ADDR \
-           TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA MF_DATA_ROOT MF_RUN_DIR; do
+# -x: copy variables to the ranks on other hosts (local ranks inherit the whole environment). The
+# list is derived, not kept by hand: the launch basics, every ${NAME} the config refers to, and the
+# families the stack reads (MF_*, HF_*, TRANSFORMERS_*, NCCL_*, TORCH_*, CUDA_*), when set.
+forward=(PATH LD_LIBRARY_PATH PYTHONPATH PYTHONUNBUFFERED OMP_NUM_THREADS MASTER_PORT MASTER_ADDR)
+if [ -f "$CONFIG" ]; then
+    while IFS= read -r var; do forward+=("$var"); done < <(grep -oE '\$\{[A-Za-z_][A-Za-z0-9_]*' "$CONFIG" | cut -c3-)
+fi
+while IFS= read -r var; do forward+=("$var"); done < <(compgen -e | grep -E '^(MF|HF|TRANSFORMERS|NCCL|TORCH|CUDA)_' || true)
+for var in $(printf '%s\n' "${forward[@]}" | sort -u); do
     [ -n "${!var:-}" ] && args+=(-x "$var")
 done
 

@@ -86,7 +86,9 @@ def build_tokenizer(name: str, cache_dir: Optional[str] = None, path: Optional[s
         return tiny_tokenizer("llama")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+    from megaflamingo.hub import hf_cache_dir
+
+    tok = AutoTokenizer.from_pretrained(name, cache_dir=hf_cache_dir(cache_dir))
     # AF1: <SEP> becomes the sep token, <audio> / <|endofchunk|> additional special tokens.
     extra = [t for t in (MEDIA_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()]
     special: dict = {"additional_special_tokens": extra} if extra else {}

@@ -6,7 +6,10 @@ import types
 
 import pytest
 
-from megaflamingo.testing import no_hub
+# Before anything imports huggingface_hub (``import megaflamingo`` does): it reads the offline switch once.
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+from megaflamingo.testing import no_hub  # noqa: E402
 
 no_hub()
 

@@ -17,7 +17,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "megaflamingo"
 PRODUCTION = ("audio", "checkpoint", "compat", "config", "data", "engine", "eval", "inference", "model",
-              "preprocess", "errors", "io", "tokens", "resources")
+              "preprocess", "errors", "hub", "io", "tokens", "resources", "<root>")
 MAX_ENGINE_FUNCTION_LINES = 80
 
 

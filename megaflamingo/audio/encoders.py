@@ -390,13 +390,16 @@ def build_laion_clap(checkpoint: str | None = None, random_init: bool = False, f
 
 def build_encoder(name: str, checkpoint: str | None = None, random_init: bool = False,
                   device: str = "cpu", embed_dim: int | None = None, seed: int = 0,
-                  fusion: bool = True, window_s: float | None = None) -> WindowEncoder:
+                  fusion: bool = True, window_s: float | None = None,
+                  sample_rate: int | None = None) -> WindowEncoder:
     """`window_s`: clip length the encoder is fed (default: 7 s; 10 s for laion-clap, its
-    clip-embedding length)."""
+    clip-embedding length). `sample_rate`: the tiny encoder's (default 44100); the real encoders
+    have their own and ignore it (the caller compares)."""
     if name == "tiny":
         if checkpoint is not None:
             raise EncoderError("the tiny encoder has no checkpoint (its weights come from --seed)")
-        return build_tiny(embed_dim or 1024, seed=seed, device=device, window_s=window_s or 7.0)
+        return build_tiny(embed_dim or 1024, seed=seed, sample_rate=sample_rate or 44100, device=device,
+                          window_s=window_s or 7.0)
     if embed_dim is not None:
         raise EncoderError(f"--embed-dim applies to the tiny encoder only ({name} has a fixed size)")
     if name == "clapcap":

@@ -42,14 +42,23 @@ def _has_model_states(d: Path) -> bool:
 
 
 def is_zero_checkpoint(path: PathLike) -> bool:
-    p = Path(path)
+    p = zero_checkpoint_dir(path)
     return p.is_dir() and ((p / "latest").is_file() or _has_model_states(p)
                            or any(_has_model_states(c) for c in p.iterdir() if c.is_dir()))
 
 
+def zero_checkpoint_dir(path: PathLike) -> Path:
+    """A training run directory means its ``checkpoints/`` folder; anything else is itself."""
+    p = Path(path)
+    if p.is_dir() and not (p / "latest").is_file() and not _has_model_states(p) and (p / "checkpoints").is_dir():
+        return p / "checkpoints"
+    return p
+
+
 def resolve_tag_dir(ckpt_dir: PathLike, tag: Optional[str] = None) -> Path:
-    """The directory holding the rank files: ``ckpt_dir/tag``, ``ckpt_dir/<latest>``, or ``ckpt_dir`` itself."""
-    d = Path(ckpt_dir)
+    """The directory holding the rank files: ``ckpt_dir/tag``, ``ckpt_dir/<latest>``, or ``ckpt_dir`` itself
+    (a run directory: its ``checkpoints/``)."""
+    d = zero_checkpoint_dir(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"DeepSpeed checkpoint directory not found: {d}")
     if tag is None:

@@ -16,11 +16,11 @@ import torch
 from megaflamingo.model.build import build_from_config, build_model
 from megaflamingo.tokens import SpecialTokens
 
-from .consolidate import is_zero_checkpoint, zero_source
+from .consolidate import is_zero_checkpoint, zero_checkpoint_dir, zero_source, zero_to_fp32
 from .integrity import CheckpointError, parse_size
 from .load import open_checkpoint
-from .model_dir import (AF1_EXTRA_DIR, config_tokenizer, find_config, find_encoder_record, lm_config_dict,
-                        load_model_dir, read_config, write_model_dir)
+from .model_dir import (AF1_EXTRA_DIR, config_tokenizer, copy_model_files, find_config, find_encoder_record,
+                        lm_config_dict, load_model_dir, read_config, write_model_config, write_model_dir)
 from .source import TensorSource, from_state_dict
 from .split import write_sharded
 
@@ -103,7 +103,7 @@ def export(src_path: PathLike, out: PathLike, config: Optional[PathLike] = None,
            max_shard_size: Optional[int] = parse_size("5GB"), trust: bool = False, verify: bool = True,
            check_keys: bool = True, progress: bool = True) -> dict:
     """A ZeRO checkpoint dir, a consolidated dir/file or another model dir -> a model dir."""
-    src_path = Path(src_path)
+    src_path = zero_checkpoint_dir(src_path)
     if is_zero_checkpoint(src_path):
         source = zero_source(src_path, tag, exclude_frozen=trainable_only, trust=trust, verify=verify)
     else:
@@ -124,6 +124,43 @@ def export(src_path: PathLike, out: PathLike, config: Optional[PathLike] = None,
     index = write_model_dir(out, source, cfg, tok, weights, lm_config_dict(cfg.model), max_shard_size,
                             encoder_record=enc, note={"source": str(src_path)}, progress=progress)
     source.release()
+    return index
+
+
+def consolidate(src_path: PathLike, out: PathLike, tag: Optional[str] = None, exclude_frozen: bool = False,
+                fmt: str = "safetensors", max_shard_size: Optional[int] = parse_size("5GB"), dtype: str = "fp32",
+                trust: bool = False, progress: bool = True, verify: bool = True) -> dict:
+    """``zero-to-fp32``: a ZeRO checkpoint (or the run directory holding it) -> consolidated weights, plus
+    the run's config, encoder record and tokenizer beside them when they can be found, so the output is
+    a model directory (``megaflamingo-infer --model`` and ``from_pretrained`` read it). Returns the index."""
+    ckpt = zero_checkpoint_dir(src_path)
+    index = zero_to_fp32(ckpt, out, tag, exclude_frozen, fmt, max_shard_size, dtype, trust, progress, verify)
+    cfg_path = find_config(ckpt)
+    if cfg_path is None:
+        print(f"note: no config next to {ckpt}; {out} holds the weights only (export with --config for a "
+              "model directory)", file=sys.stderr)
+        return index
+    cfg = read_config(cfg_path)
+    source = open_checkpoint(out, verify=False, progress=False)
+    write_model_config(out, cfg, _optional_tokenizer(cfg), "trainable" if exclude_frozen else "full",
+                       lm_config_dict(cfg.model), source, find_encoder_record(ckpt), {"source": str(src_path)})
+    source.release()
+    return index
+
+
+def split(src: PathLike, out: PathLike, max_size: int, layout: str = "auto", name: Optional[str] = None,
+          verify: bool = True, trust: bool = False, progress: bool = True) -> dict:
+    """Re-shard a state dict into parts of at most ``max_size`` (``auto``: AF1's layout for AF1 files,
+    safetensors otherwise). A model directory's config, encoder record and tokenizer are copied beside
+    the parts, so the result is a model directory too. Returns the index (``copied``: those files)."""
+    source = open_checkpoint(src, verify=verify, trust=trust, progress=progress)
+    if layout == "auto":
+        af1_like = source.meta.get("wrapper") == "model_state_dict" or source.meta.get("layout") == "af1"
+        layout = "af1" if af1_like else "safetensors"
+    name = name or (Path(src).stem if layout == "af1" and Path(src).is_file() else "model")
+    index = write_sharded(source, out, max_size, layout, name=name, progress=progress)
+    source.release()
+    index["layout"], index["copied"] = layout, copy_model_files(src, out) if Path(src).is_dir() else []
     return index
 
 

@@ -1,18 +1,24 @@
 """Model directories: the one reader and writer of what a trained model is on disk.
 
-Layout of a model directory (``megaflamingo-convert export`` / ``af1-import`` write it)::
+A model directory is a Hugging Face model directory (``megaflamingo-convert export`` / ``af1-import`` /
+``zero-to-fp32`` write it; ``AudioFlamingo.from_pretrained(dir)`` and ``AutoModelForCausalLM`` read it once
+``megaflamingo`` is imported)::
 
-    config.json                       {"megaflamingo": <our Config>, "lm_config": <HF LM config>, ...}
+    config.json                       the HF config (model_type "megaflamingo"): text_config (the LM's
+                                      config, vocab = len(tokenizer)), flamingo (our model section),
+                                      token_ids; the run's other config sections under "megaflamingo"
     tokenizer.json, tokenizer_config.json, ...     (when a tokenizer is available)
-    model-0000i-of-0000N.safetensors + model.safetensors.index.json   (ties + sha256 under "metadata")
+    model-0000i-of-0000N.safetensors + model.safetensors.index.json   (ties + sha256 under "metadata";
+                                      tensors are never cut, so transformers reads the shards as they are)
     encoder.json                      the audio-encoder record (which encoder made the training
                                       embeddings, its checkpoint hash, the window layout, the
                                       embedding of a silent window), so new audio is embedded the same way
     af1_extra/                        (af1-import only: AF1 keys the model does not hold, e.g. clap.*)
 
 ``weights`` is "full" or "trainable" (audio transformer + xattn + whatever the run trained; the frozen LM
-then comes from ``model.lm`` at load time). A training run directory has the same ``config.json`` (the
-bare Config) and ``encoder.json``, so everything here also reads run directories.
+then comes from ``model.lm`` at load time, so only :func:`load_model_dir` reads those). A training run
+directory has a ``config.json`` too (the bare Config) and ``encoder.json``, so everything here also reads
+run directories, and directories written before the HF layout (``format_version`` 1).
 """
 from __future__ import annotations
 
@@ -28,9 +34,12 @@ from typing import Optional, Union
 import torch
 
 from megaflamingo.config import Config, from_dict, load_config, validate
+from megaflamingo.hub import hf_cache_dir
 from megaflamingo.io import atomic_write_json, atomic_write_text
 from megaflamingo.model.build import build_from_config
 from megaflamingo.model.config import ModelConfig
+from megaflamingo.model.flamingo import AudioFlamingo
+from megaflamingo.model.hf_config import MODEL_TYPE, AudioFlamingoConfig
 from megaflamingo.tokens import TINY_TOKENIZERS, SpecialTokens, build_tokenizer
 
 from .integrity import CheckpointError, parse_size
@@ -39,7 +48,7 @@ from .source import TensorSource
 from .split import write_sharded
 
 PathLike = Union[str, os.PathLike]
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 1: {"megaflamingo": Config, "lm_config", "token_ids"} before the HF layout
 CONFIG_FILE = "config.json"
 # Where a config may sit next to a checkpoint: our model dir / run dir (config.json), or a YAML a user
 # put there. The first found wins.
@@ -95,8 +104,10 @@ def read_config(path: PathLike) -> Config:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{p}: unreadable config ({e})") from None
+    if isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE:  # HF layout: the model section apart
+        raw = dict(raw.get("megaflamingo") or {}, model=raw.get("flamingo"))
     raw = raw.get("megaflamingo", raw) if isinstance(raw, dict) else raw
-    if not isinstance(raw, dict) or "model" not in raw:
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ModelLoadError(f"{p}: not a megaflamingo config (no 'model' section)")
     cfg = from_dict(Config, {k: v for k, v in raw.items() if k in _SECTIONS}, "", str(p))
     cfg.source = str(p)
@@ -111,7 +122,7 @@ def lm_config_dict(model_cfg: ModelConfig) -> Optional[dict]:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(model_cfg.lm, cache_dir=model_cfg.cache_dir).to_dict()
+        return AutoConfig.from_pretrained(model_cfg.lm, cache_dir=hf_cache_dir(model_cfg.cache_dir)).to_dict()
     except Exception as e:  # hub name offline, or a path that is not there
         _log(f"note: LM config of {model_cfg.lm!r} unavailable ({type(e).__name__}); config.json will not embed it")
         return None
@@ -202,29 +213,90 @@ def read_encoder_record(model_dir: PathLike, cfg: Config) -> dict:
 # ------------------------------------------------------------------------------------------ write
 
 
+def _embedding_rows(source: TensorSource, lm_config: dict) -> Optional[int]:
+    """Rows of the LM's input embedding in ``source`` (the vocabulary after resizing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = dict(lm_config)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
+    weight = lm.get_input_embeddings().weight
+    name = next(n for n, p in lm.named_parameters() if p is weight)
+    key = f"lang_encoder.{name}"
+    return int(source.ref(key).shape[0]) if key in source.keys() else None
+
+
+def hf_config(cfg: Config, tokens: Optional[SpecialTokens], lm_config: Optional[dict], vocab: Optional[int],
+              weights: str = "full", dtype: Optional[torch.dtype] = None, note: Optional[dict] = None) -> dict:
+    """``config.json`` of a model directory: the HF config of the model ``cfg`` describes. ``lm_config``
+    gets ``vocab`` rows (the resized embedding); without it (the LM's config unreadable, e.g. offline)
+    only :func:`load_model_dir` can build the model, from ``model.lm``."""
+    sections = cfg.to_dict()
+    model = sections.pop("model")
+    text = None
+    if lm_config is not None:
+        text = dict(lm_config)
+        if vocab:
+            text["vocab_size"] = int(vocab)
+    conf = AudioFlamingoConfig(
+        text_config=text, flamingo=model, token_ids=tokens, megaflamingo=sections, weights=weights,
+        format_version=EXPORT_FORMAT, architectures=[AudioFlamingo.__name__],
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else None).to_dict()
+    conf.update(note or {})
+    return conf
+
+
+def write_model_config(out: PathLike, cfg: Config, tokenizer=None, weights: str = "full",
+                       lm_config: Optional[dict] = None, source: Optional[TensorSource] = None,
+                       encoder_record: Optional[PathLike] = None, note: Optional[dict] = None) -> None:
+    """Everything of a model directory but the weights: tokenizer, encoder record, then ``config.json``
+    last (a directory without it is an interrupted write)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens, vocab = None, None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+        tokens, vocab = SpecialTokens.from_tokenizer(tokenizer), len(tokenizer)
+    elif source is not None and lm_config is not None:
+        vocab = _embedding_rows(source, lm_config)
+    if encoder_record is not None and Path(encoder_record).is_file():
+        shutil.copyfile(encoder_record, out / ENCODER_FILE)
+    dtype = next((r.dtype for r in source.refs if r.dtype.is_floating_point), None) if source is not None else None
+    conf = hf_config(cfg, tokens, lm_config, vocab, weights, dtype, note)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(conf, indent=2, default=str) + "\n")
+
+
 def write_model_dir(out: PathLike, source: TensorSource, cfg: Config, tokenizer=None, weights: str = "full",
                     lm_config: Optional[dict] = None, max_shard_size: Optional[int] = parse_size("5GB"),
                     extra: Optional[TensorSource] = None, encoder_record: Optional[PathLike] = None,
                     note: Optional[dict] = None, progress: bool = True) -> dict:
-    """Weights (sharded safetensors + index), tokenizer, encoder record, then ``config.json`` last."""
+    """Weights (sharded safetensors + index; a tensor larger than ``max_shard_size`` gets a shard of its
+    own, as ``save_pretrained`` does), tokenizer, encoder record, then ``config.json`` last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = write_sharded(source, out, max_shard_size, "safetensors", progress=progress,
-                          extra_metadata={"weights": weights})
-    tokens = None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-        tokens = SpecialTokens.from_tokenizer(tokenizer).as_dict()
+                          extra_metadata={"weights": weights}, slice_oversized=False)
     if extra is not None and extra.refs:
         write_sharded(extra, out / AF1_EXTRA_DIR, None, "safetensors", progress=False)
-    if encoder_record is not None and Path(encoder_record).is_file():
-        shutil.copyfile(encoder_record, out / ENCODER_FILE)
-    conf = {"architecture": "megaflamingo.AudioFlamingo", "format_version": EXPORT_FORMAT, "weights": weights,
-            "megaflamingo": cfg.to_dict(), "lm_config": lm_config, "token_ids": tokens,
-            "weights_index": "model.safetensors.index.json"}
-    conf.update(note or {})
-    atomic_write_text(out / CONFIG_FILE, json.dumps(conf, indent=2, default=str) + "\n")
+    write_model_config(out, cfg, tokenizer, weights, lm_config, source, encoder_record, note)
     return index
+
+
+def copy_model_files(src: PathLike, out: PathLike) -> list[str]:
+    """The files of model directory ``src`` that are not its weights (config, encoder record, tokenizer,
+    af1_extra/) into ``out``, so a re-sharded copy of the weights is a model directory too. Returns the
+    names copied."""
+    src, out = Path(src), Path(out)
+    copied = []
+    for p in sorted(src.iterdir()) if src.is_dir() else []:
+        weights = p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+        if p.is_file() and not weights:
+            shutil.copyfile(p, out / p.name)
+            copied.append(p.name)
+        elif p.is_dir() and p.name == AF1_EXTRA_DIR:
+            shutil.copytree(p, out / p.name, dirs_exist_ok=True)
+            copied.append(p.name)
+    return copied
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -284,23 +356,54 @@ def apply_weights(model: torch.nn.Module, sd: dict, source: str, allow_missing_l
     return {"loaded": len(sd), "missing_from_file": len(missing)}
 
 
-def load_model_dir(model_dir: PathLike, device: str = "cpu", dtype: Optional[str] = None,
-                   encoder_record: Optional[dict] = None, verify: bool = True,
-                   with_encoder: bool = True) -> LoadedModel:
-    """Everything of a model directory: config, tokenizer, model with its weights (verified against the
-    index's sizes and sha256, ties re-tied), encoder record (``with_encoder=False``: weights only, e.g.
-    for a format conversion that never embeds audio)."""
-    d = Path(model_dir)
-    cfg = read_config(d / CONFIG_FILE if (d / CONFIG_FILE).is_file() else d)
-    tok = config_tokenizer(cfg, d)
+def _no_init():
+    """Build without initialising weights: every one of them is loaded next."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5 releases
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _build(d: Path, conf: dict, cfg: Config, tok) -> tuple[torch.nn.Module, SpecialTokens, bool]:
+    """The model skeleton of a model dir and whether LM weights may be missing from it. A full HF-layout
+    dir is built from its own config (no access to the base LM's checkpoint needed); a trainable-only
+    or format-1 dir around the LM that ``model.lm`` names, exactly as training built it."""
+    trainable_only = conf.get("weights", "full") == "trainable" and cfg.model.lm_config is None
+    if conf.get("model_type") == MODEL_TYPE and conf.get("text_config") and not trainable_only:
+        hf = AudioFlamingoConfig.from_dict(conf)
+        with _no_init():
+            model = AudioFlamingo(hf)
+        tokens = model.tokens
+        if tok is not None and SpecialTokens.from_tokenizer(tok) != tokens:
+            raise ModelLoadError(f"{d}: the tokenizer's special-token ids {SpecialTokens.from_tokenizer(tok).as_dict()} "
+                                 f"differ from the model's {tokens.as_dict()} (config.json token_ids)")
+        return model, tokens, False
     try:
         model, tokens = build_from_config(cfg.model, tok, "cpu")
     except OSError as e:
         raise ModelLoadError(f"cannot load the language model {cfg.model.lm!r} ({e})") from e
+    return model, tokens, trainable_only
+
+
+def load_model_dir(model_dir: PathLike, device: str = "cpu", dtype: Optional[str] = None,
+                   encoder_record: Optional[dict] = None, verify: bool = True,
+                   with_encoder: bool = True) -> LoadedModel:
+    """Everything of a model directory: config, tokenizer, model with its weights (verified against the
+    index's sizes and sha256, ties re-tied; sliced tensors of ``convert split`` parts reassembled),
+    encoder record (``with_encoder=False``: weights only, e.g. for a format conversion that never embeds
+    audio)."""
+    d = Path(model_dir)
+    cfg = read_config(d / CONFIG_FILE if (d / CONFIG_FILE).is_file() else d)
+    tok = config_tokenizer(cfg, d)
     conf = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8")) if (d / CONFIG_FILE).is_file() else {}
-    # A random-init LM (lm_config) has no other source of its weights: missing LM keys would be garbage.
-    trainable_only = conf.get("weights", "full") == "trainable" and cfg.model.lm_config is None
-    apply_weights(model, load_state_dict(d, verify=verify), str(d), allow_missing_lm=trainable_only)
+    model, tokens, allow_missing_lm = _build(d, conf, cfg, tok)
+    apply_weights(model, load_state_dict(d, verify=verify), str(d), allow_missing_lm=allow_missing_lm)
+    # In memory the model is whole: model.save_pretrained(...) writes a full, self-describing dir.
+    sections = cfg.to_dict()
+    sections.pop("model")
+    model.config.megaflamingo, model.config.weights = sections, "full"
+    model.config.format_version = EXPORT_FORMAT
     if dtype:
         model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     model.to(device).eval()

@@ -58,8 +58,10 @@ def _overhead(layout: str, keys: list[str]) -> int:
 
 
 def plan_parts(source: TensorSource, max_size: Optional[int], layout: str = "safetensors",
-               log=print) -> tuple[list[Part], dict]:
-    """Greedy packing in key order. Returns (parts, sliced) where sliced = {key: [piece keys]}."""
+               log=print, slice_oversized: bool = True) -> tuple[list[Part], dict]:
+    """Greedy packing in key order. Returns (parts, sliced) where sliced = {key: [piece keys]}.
+    A tensor larger than ``max_size`` alone is sliced, or (``slice_oversized=False``: the Hugging Face
+    layout, whose readers cannot join slices) stored whole in a part of its own."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     if layout != "af1":
@@ -78,7 +80,19 @@ def plan_parts(source: TensorSource, max_size: Optional[int], layout: str = "saf
         cost = ref.nbytes + _overhead(layout, group_keys) - _overhead(layout, [])
         cur = parts[-1]
         limit = max_size if max_size is not None else None
-        if limit is not None and ref.nbytes + _overhead(layout, group_keys) > limit:
+        oversized = limit is not None and ref.nbytes + _overhead(layout, group_keys) > limit
+        if oversized and not slice_oversized:
+            log(f"note: tensor {ref.name!r} ({format_size(ref.nbytes)}) alone exceeds the shard size "
+                f"{format_size(limit)}: stored whole in a shard of its own")
+            p = Part([Entry(ref.name, ref)], dict.fromkeys(aliases_of.get(ref.name, []), ref.name))
+            p.est = ref.nbytes + _overhead(layout, group_keys)
+            if not parts[-1].entries:
+                parts[-1] = p
+            else:
+                parts.append(p)
+            parts.append(Part())
+            continue
+        if oversized:
             if layout == "af1":
                 raise CheckpointError(
                     f"tensor {ref.name!r} ({format_size(ref.nbytes)} + file overhead) alone exceeds --max-size "
@@ -134,14 +148,14 @@ def part_file_name(layout: str, i: int, n: int, name: str = "model") -> str:
 
 def write_sharded(source: TensorSource, out_dir, max_size: Optional[int] = None, layout: str = "safetensors",
                   name: str = "model", progress: bool = True, extra_metadata: Optional[dict] = None,
-                  log=None) -> dict:
+                  log=None, slice_oversized: bool = True) -> dict:
     """Write ``source`` as parts + index into ``out_dir``; returns the index dict.
 
     Each part is renamed into place when complete; the index is written last, so a directory without
     an index is an interrupted write (nothing to verify it against)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
-    parts, sliced = plan_parts(source, max_size, layout, log)
+    parts, sliced = plan_parts(source, max_size, layout, log, slice_oversized)
     out.mkdir(parents=True, exist_ok=True)
     n = len(parts)
     prog = Progress(source.total_bytes, f"writing {n} part(s) to {out}", enabled=progress, release=source.release)
@@ -155,7 +169,7 @@ def write_sharded(source: TensorSource, out_dir, max_size: Optional[int] = None,
         else:
             rec = write_torch(path, part.entries, wrap="model_state_dict" if layout == "af1" else None,
                               progress=prog, aliases=part.aliases, order=part.order or None)
-        if max_size is not None and rec.size > max_size:
+        if max_size is not None and rec.size > max_size and (slice_oversized or len(part.entries) > 1):
             raise CheckpointError(f"{path}: {rec.size} B exceeds --max-size {max_size} B (overhead estimate too low)")
         rec.file = fname
         records.append(rec)

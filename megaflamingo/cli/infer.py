@@ -1,4 +1,4 @@
-"""`megaflamingo-infer`: foundation prompts, chat, retrieval-augmented few-shot, batch JSONL.
+"""megaflamingo-infer: foundation prompts, chat, retrieval-augmented few-shot, batch JSONL.
 
     megaflamingo-infer --model DIR --audio a.wav [--audio b.wav] --prompt "classify this sound."
     megaflamingo-infer --model DIR --audio a.wav --chat                       # interactive
@@ -11,8 +11,15 @@ Prompts take the form training gave their task (prefix "The task is event classi
 training showed it): from --task, the --icl-from split's task, or each batch item's task; --prefix
 TEXT replaces the prefix.
 
---model takes an exported model directory, a DeepSpeed run/checkpoint directory, or an AF1
-checkpoint (.pt or its parts; with --config).
+--model takes a model directory (convert export / zero-to-fp32 / split output), a DeepSpeed
+run or checkpoint directory, or an AF1 checkpoint (.pt or its parts; with --config).
+
+A --dialogue file is JSON, one dialogue or a list of them:
+    {"audio": "clips/dog.wav", "dialogue": [{"user": "What is this?", "assistant": "A dog."},
+                                            {"user": "Is it indoors?"}]}
+"audio" may also be called "path" or "name"; a relative path is taken from --data-root, else
+from the dialogue file's folder. An "assistant" answer is optional (the next turns condition on
+it); every round gets a "prediction".
 """
 from __future__ import annotations
 
@@ -25,10 +32,12 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaflamingo-infer", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model dir, DeepSpeed checkpoint dir, or AF1 .pt")
+    p.add_argument("--model", required=True, help="model dir (export / zero-to-fp32 / split output), DeepSpeed "
+                                                  "run or checkpoint dir, or AF1 .pt")
     p.add_argument("--config", help="config YAML (required for AF1 checkpoints)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="weights dtype on the device (default: as stored)")
     p.add_argument("--encoder-checkpoint", help="path of the audio encoder's weights (real encoders)")
     p.add_argument("--cache-dir", help="keep the model dir converted from a DeepSpeed/AF1 checkpoint here "
                    "(reused next time); default: a temporary dir, removed after loading")
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=None, help="literal prefix instead of the task's (e.g. '' for none)")
     # chat
     p.add_argument("--chat", action="store_true", help="multi-turn chat (interactive, or --dialogue FILE)")
-    p.add_argument("--dialogue", help="JSON dialogue file (with --chat): answers every user turn")
+    p.add_argument("--dialogue", help="JSON dialogue file (with --chat): answers every user turn (format below)")
     # retrieval
     p.add_argument("--icl-from", help="preprocessed TRAIN split dir to retrieve in-context examples from")
     p.add_argument("--clip-checkpoint", help="LAION-CLAP checkpoint for the query's clip embedding (default: "
@@ -56,28 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept manifest paths outside --data-root (absolute or ../); refused by default")
     p.add_argument("--out", help="predictions JSONL (batch) / answers JSON (dialogue)")
     p.add_argument("--metrics-out", help="write the batch metrics JSON here too")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     p.add_argument("--limit", type=int, default=None, help="only the first N manifest items")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     # generation
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: nondeterministic)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON document on stdout (logs go to stderr)")
     return p
 
 
 def _device(arg):
     import torch
 
-    if arg:
-        return arg
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not arg:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {arg}: {why} (torch {torch.__version__}); use --device cpu")
+    return arg
 
 
 def _check_modes(a) -> None:
@@ -158,13 +171,8 @@ def _chat(a, loaded, runner, embedder) -> int:
 
     ctx = int(loaded.max_tokens)
     if a.dialogue:
-        base = Path(a.data_root) if a.data_root else Path(a.dialogue).parent
-
-        def windows_for(audio):
-            p = Path(audio)
-            return embedder.embed(p if p.is_absolute() or p.is_file() else base / p)
-
-        results = run_dialogue_file(runner, windows_for, a.dialogue, a.out, max_context=ctx)
+        results = run_dialogue_file(runner, embedder.embed, a.dialogue, a.out, max_context=ctx,
+                                    data_root=a.data_root)
         if not a.out or a.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))
         return 0
@@ -196,7 +204,10 @@ def _batch(a, loaded, settings, embedder) -> int:
 
 
 def main(argv=None) -> int:
+    from megaflamingo.cli import results_only_on_stdout
+
     a = build_parser().parse_args(argv)
+    results_only_on_stdout()
     try:
         return run(a)
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
-"""`megaflamingo-train --config CFG [key=value ...] [--dry-run] [--resume auto|none|DIR]
-[--placeholder NAME=VALUE]`.
+"""megaflamingo-train --config CFG [key=value ...] [--dry-run [--json]] [--resume auto|none|DIR]
+[--placeholder NAME=VALUE].
 
 Runs as one process or under deepspeed / torchrun / srun / mpirun (see ``distributed.discover_env``).
 Exit codes: 0 done; 2 bad config or data (one message, before training), a checkpoint that was refused
@@ -29,17 +29,23 @@ from megaflamingo.engine.trainer import EXIT_SIGNAL, NonFiniteLossError
 AGREED = (RunLockedError, ResumeError, TagVerificationError, BadDataError, NonFiniteLossError)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaflamingo-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="stage YAML (ours or AF1's dialect)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-5")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, exit")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan as one JSON document on stdout (logs go to stderr)")
     p.add_argument("--resume", default=None, help="auto (default from config) | none | checkpoint dir")
     p.add_argument("--placeholder", action="append", default=[], metavar="NAME=VALUE",
                    help="value for a ${NAME} / YOUR_NAME placeholder in the config (repeatable)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -55,7 +61,10 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    from megaflamingo.cli import results_only_on_stdout
+
     args = parse_args(argv)
+    results_only_on_stdout()
     from megaflamingo.engine.distributed import discover_env
 
     world = discover_env()
@@ -89,7 +98,7 @@ def _main(argv=None) -> int:
     from megaflamingo.engine.run import run
 
     try:
-        result = run(cfg, world, dry_run=args.dry_run)
+        result = run(cfg, world, dry_run=args.dry_run, plan_json=args.json)
     except (RunLockedError, CheckpointError, BadDataError, NonFiniteLossError) as e:
         # Every rank reaches the same verdict on these (one broadcast, a gathered verification, summed
         # counts, the non-finite vote), so rank 0 says it once; a refusal on one rank only (a file that

@@ -52,7 +52,7 @@ def build_model(model_config: Mapping, clap_config: Mapping, lm_config, token_id
     cfg.validate("AF1 YAML")
     tokens = SpecialTokens.of(token_ids)
     tokens.check_vocab(lm_config.vocab_size, "lm_config.vocab_size")
-    return AudioFlamingo(AutoModelForCausalLM.from_config(lm_config), tokens, cfg)
+    return AudioFlamingo.from_lm(AutoModelForCausalLM.from_config(lm_config), tokens, cfg)
 
 
 def layers_prefix(model: AudioFlamingo) -> str:

@@ -9,6 +9,7 @@ batching or run; faiss's -1 "no result" slots are dropped (AF1 indexed its file 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,11 @@ def select_neighbors(cand_rows: np.ndarray, train_paths: list[str], query_path: 
 
 def build_knn(split_dir: str | os.PathLike, train_dir: str | os.PathLike | None = None, k: int = 8,
               seed: int = 0, index_type: str = "flat", nlist: int | None = None, nprobe: int = 16,
-              extra_candidates: int = 50, batch: int = 4096) -> dict:
-    """Write `<split_dir>/interleaved_knn.arrow` (+ `.json` sidecar). Returns the sidecar dict."""
+              extra_candidates: int = 50, batch: int = 4096, log=None) -> dict:
+    """Write `<split_dir>/interleaved_knn.arrow` (+ `.json` sidecar). Returns the sidecar dict.
+    `log(message)` receives the warnings (default: `warnings.warn`), e.g. a `k` the train split
+    cannot fill."""
+    log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
     import faiss  # noqa: F401  (fail early with a clear ImportError)
 
     split_dir = Path(split_dir)
@@ -109,6 +113,11 @@ def build_knn(split_dir: str | os.PathLike, train_dir: str | os.PathLike | None 
         q_emb, q_rows, q_paths = clip_matrix(af.open_shards(split_dir), str(split_dir))
     if len(t_emb) == 0:
         raise KnnError(f"{train_dir}: no rows with a clip embedding")
+    available = len(t_emb) - (1 if same else 0)  # a row is never its own neighbour
+    if k - 1 > available:
+        log(f"k={k} asks for {k - 1} neighbours per row, but the train split {train_dir} has {len(t_emb)} rows "
+            f"with a clip embedding{' (the row itself excluded: ' + str(available) + ')' if same else ''}: "
+            f"rows get at most {available} neighbours")
     index = build_index(t_emb, index_type, nlist, nprobe, seed)
     n_search = min(k + extra_candidates, len(t_emb))
     out_idx, out_nb = [], []

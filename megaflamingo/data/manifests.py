@@ -8,15 +8,12 @@ file, the item and the field.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from megaflamingo.io import atomic_path
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 
@@ -215,77 +212,3 @@ def _from_records(src, sha, objs: list, unit: str, first: int, data_root: str | 
                                 f"dataset/task/split")
         one[k] = next(iter(vals)) if vals else None
     return Manifest(src, sha, one["dataset"], one["task"], one["split"], items)
-
-
-# --------------------------------------------------------------------------------------------
-# `megaflamingo-preprocess manifest`: folder + captions/labels table -> JSONL
-
-
-def _read_labels(path: Path) -> list[dict]:
-    if path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-        return rows
-    obj = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(obj, dict):  # {"file.wav": "caption"} or {"file.wav": ["cap1", "cap2"]}
-        out = []
-        for k, v in obj.items():
-            for cap in (v if isinstance(v, list) else [v]):
-                out.append({"file": k, "output": cap})
-        return out
-    if isinstance(obj, list):
-        return obj
-    raise ManifestError(f"{path}: expected CSV/TSV, a JSON object {{file: caption}} or a list")
-
-
-_FILE_KEYS = ("file", "path", "name", "filename", "audio", "file_name")
-_TEXT_KEYS = ("output", "caption", "label", "labels", "text", "answer")
-
-
-def build_manifest(folder: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike,
-                   prompt: str = "describe the sound in a sentence.", data_root: str | None = None,
-                   dataset: str | None = None, task: str | None = None, split: str | None = None,
-                   ) -> dict:
-    """Write a JSONL manifest: one line per (audio file, caption/label) pair, in the order of the
-    labels table. Paths are relative to `data_root` (default: `folder`). Returns a summary."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ManifestError(f"{folder} is not a directory")
-    root = Path(data_root) if data_root else folder
-    labels = Path(labels)
-    rows = _read_labels(labels)
-    present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
-               if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS}
-    by_name: dict[str, list[str]] = {}
-    for rel in present:
-        by_name.setdefault(posixpath.basename(rel), []).append(rel)
-    written, missing, used = 0, [], set()
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r, row in enumerate(rows):
-            fkey = next((k for k in _FILE_KEYS if row.get(k)), None)
-            tkey = next((k for k in _TEXT_KEYS if row.get(k) not in (None, "")), None)
-            if fkey is None or tkey is None:
-                raise ManifestError(f"{labels}: row {r}: needs a file column ({'/'.join(_FILE_KEYS)}) "
-                                    f"and a text column ({'/'.join(_TEXT_KEYS)})")
-            name = str(row[fkey]).replace("\\", "/")
-            rel = name if name in present else None
-            if rel is None and len(by_name.get(posixpath.basename(name), [])) == 1:
-                rel = by_name[posixpath.basename(name)][0]
-            if rel is None:
-                missing.append(name)
-                continue
-            text = row[tkey]
-            if isinstance(text, list):
-                text = ", ".join(map(str, text))
-            rec = {"path": os.path.relpath(present[rel], root).replace(os.sep, "/"),
-                   "prompt": row.get("prompt") or prompt, "output": str(text)}
-            for k, v in (("dataset", dataset), ("task", task), ("split", split)):
-                if v:
-                    rec[k] = v
-            if row.get("audio_start") not in (None, ""):
-                rec["audio_start"] = float(row["audio_start"])
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            written += 1
-            used.add(rel)
-    return {"written": written, "labels_without_audio": missing,
-            "audio_without_labels": sorted(set(present) - used)}

@@ -20,7 +20,8 @@ from megaflamingo.model.build import build_lm, build_model
 from megaflamingo.model.build import lm_hidden_size as model_lm_hidden_size
 from megaflamingo.model.build import lm_max_positions as model_lm_max_positions
 from megaflamingo.model.freeze import apply_freeze_policy, policy_from_train_config
-from megaflamingo.tokens import SpecialTokens, build_tokenizer
+from megaflamingo.hub import missing_offline
+from megaflamingo.tokens import TINY_TOKENIZERS, SpecialTokens, build_tokenizer
 
 from .distributed import comm_device
 
@@ -139,46 +140,102 @@ def lm_max_positions(cfg: Config) -> Optional[int]:
 # ------------------------------------------------------------------------------------------ data
 
 
+class PreflightError(ConfigError):
+    """Everything wrong with a run's data and model sources, found at once: ``problems`` holds one
+    line per problem (``field: what is wrong``)."""
+
+    def __init__(self, problems: list[str], src: str):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(f"{problems[0]} ({src})")
+        else:
+            super().__init__(f"{len(problems)} problems ({src}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def preflight(cfg: Config) -> list[str]:
-    """Check data before any process group exists. Returns the dataset directories; raises ConfigError."""
-    d, src = cfg.data, cfg.source or "<config>"
+    """Check the data (and what the model is built from) before any process group exists. Every
+    check appends to one list of problems, and all of them are reported together (one
+    :class:`PreflightError`), so a user fixes a config in one round. Returns the dataset directories."""
+    problems: list[str] = []
+    dirs = _check_datasets(cfg, problems)
+    _check_model_sources(cfg, problems)
+    if problems:
+        raise PreflightError(problems, cfg.source or "<config>")
+    return dirs
+
+
+def _check_model_sources(cfg: Config, problems: list[str]) -> None:
+    m = cfg.model
+    if m.lm_config is None:
+        for what, name, file in (("model.lm", m.lm, "config.json"),
+                                 ("model.tokenizer", m.tokenizer or m.lm, "tokenizer_config.json")):
+            if name not in TINY_TOKENIZERS and (msg := missing_offline(name, m.cache_dir, file)):
+                problems.append(f"{what}: {msg}")
+    positions = lm_max_positions(cfg)
+    if positions is not None and cfg.data.max_tokens > positions:
+        problems.append(f"data.max_tokens: {cfg.data.max_tokens} exceeds the LM's {positions} positions")
+
+
+def _check_datasets(cfg: Config, problems: list[str]) -> list[str]:
+    d = cfg.data
     if not d.blend:
-        raise ConfigError(f"data.blend: no training datasets configured ({src})")
+        problems.append("data.blend: no training datasets configured")
     if not d.data_root:
-        raise ConfigError(f"data.data_root: not set ({src})")
+        problems.append("data.data_root: not set")
+        return []
     root = Path(d.data_root)
     if not root.is_dir():
-        raise ConfigError(f"data.data_root: directory {root} does not exist ({src})")
-    positions = lm_max_positions(cfg)
-    if positions is not None and d.max_tokens > positions:
-        raise ConfigError(f"data.max_tokens: {d.max_tokens} exceeds the LM's {positions} positions ({src})")
+        problems.append(f"data.data_root: directory {root} does not exist")
+        return []
     dirs = []
     for field, names in (("data.blend", list(d.blend)), ("data.valid", list(d.valid))):
         for name in names:
-            # '<ds>-<task>/interleaved_knn-<split>' reads the <split> directory (+ its kNN manifest).
-            sd = root / parse_blend_name(name).split_dir
+            where = f"{field}.{name}"
+            try:  # '<ds>-<task>/interleaved_knn-<split>' reads the <split> directory (+ its kNN manifest)
+                sd = root / parse_blend_name(name).split_dir
+            except ValueError as e:
+                problems.append(f"{where}: {e}")
+                continue
             if not sd.is_dir():
-                raise ConfigError(f"{field}.{name}: dataset directory {sd} does not exist ({src})")
+                problems.append(f"{where}: dataset directory {sd} does not exist")
+                continue
             try:
                 meta = af.read_metadata(sd)
             except af.FormatError as e:
-                raise ConfigError(f"{field}.{name}: {e} ({src})") from None
-            dim = int(meta["encoder"]["embed_dim"])
-            if dim != cfg.model.audio_embed_dim:
-                raise ConfigError(f"{field}.{name}: embeddings are {dim}-d ({meta['encoder']['name']}), "
-                                  f"model.audio_embed_dim is {cfg.model.audio_embed_dim} ({src})")
-            mw = int(meta["windows"]["max_windows"])
-            if mw > cfg.model.max_num_window:
-                raise ConfigError(f"{field}.{name}: preprocessed with max_windows={mw} > model.max_num_window="
-                                  f"{cfg.model.max_num_window} ({src})")
-            if meta["num_rows"] == 0:
-                raise ConfigError(f"{field}.{name}: the split has no rows ({sd})")
-            try:  # every shard's footer and row count (memory-mapped: no rows are read)
-                af.open_shards(sd)
-            except af.FormatError as e:
-                raise ConfigError(f"{field}.{name}: {e} ({src})") from None
+                problems.append(f"{where}: {e}")
+                continue
+            mismatches = dataset_mismatches(meta, cfg)
+            if not mismatches:
+                try:  # every shard's footer and row count (memory-mapped: no rows are read)
+                    af.open_shards(sd)
+                except af.FormatError as e:
+                    mismatches.append(str(e))
+            problems.extend(f"{where}: {p}" for p in mismatches)
             dirs.append(str(sd))
     return dirs
+
+
+def dataset_mismatches(meta: dict, cfg: Config) -> list[str]:
+    """How a preprocessed split (its ``metadata.json``) disagrees with the model and encoder sections
+    (the config's own rules keep encoder.embed_dim / max_windows equal to the model's)."""
+    enc, win, m, e = meta["encoder"], meta["windows"], cfg.model, cfg.encoder
+    out = []
+    dim = int(enc["embed_dim"])
+    if dim != m.audio_embed_dim:
+        out.append(f"embeddings are {dim}-d ({enc['name']}), model.audio_embed_dim is {m.audio_embed_dim}")
+    mw = int(win["max_windows"])
+    if mw != m.max_num_window:
+        out.append(f"preprocessed with max_windows={mw}, model.max_num_window is {m.max_num_window}")
+    if enc["name"] != e.name:
+        out.append(f"embedded with encoder {enc['name']!r}, encoder.name is {e.name!r}")
+    if enc.get("sample_rate") is not None and int(enc["sample_rate"]) != e.sample_rate:
+        out.append(f"embedded at {enc['sample_rate']} Hz, encoder.sample_rate is {e.sample_rate}")
+    for key in ("window_s", "overlap_s"):
+        if win.get(key) is not None and abs(float(win[key]) - float(getattr(e, key))) > 1e-6:
+            out.append(f"embedded with {key}={win[key]}, encoder.{key} is {getattr(e, key)}")
+    if meta["num_rows"] == 0:
+        out.append("the split has no rows")
+    return out
 
 
 def build_loaders(cfg: Config, tokenizer, tokens: SpecialTokens, rank: int, world_size: int):

@@ -70,10 +70,11 @@ def record_encoder(cfg: Config) -> Optional[Path]:
 
 
 def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dict, train_loader, first: dict,
-               task_eval: Optional[TaskEval] = None) -> None:
-    """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate."""
+               task_eval: Optional[TaskEval] = None, as_json: bool = False) -> None:
+    """What ``--dry-run`` prints: the run's shape as JSON, then DeepSpeed's memory estimate (``as_json``:
+    one JSON document, the estimate under ``memory_estimate``)."""
     t = cfg.train
-    print(json.dumps({
+    plan = {
         "world_size": world.world_size, "launcher": world.launcher, "zero_stage": zero_stage(ds_config),
         "micro_batch": t.micro_batch_size, "gradient_accumulation": t.gradient_accumulation_steps,
         "global_batch": t.micro_batch_size * t.gradient_accumulation_steps * world.world_size,
@@ -84,11 +85,16 @@ def print_plan(cfg: Config, world: World, model: torch.nn.Module, ds_config: dic
         "first_batch_shapes": {k: list(v.shape) for k, v in first.items() if hasattr(v, "shape")},
         "config_notes": list(cfg.notes),
         "eval_benchmarks": {s.bench.name: len(s.items) for s in task_eval.suites} if task_eval else {},
-    }, indent=2))
-    print(memory_estimate(model, ds_config, world.world_size))
+    }
+    estimate = memory_estimate(model, ds_config, world.world_size)
+    if as_json:
+        print(json.dumps(dict(plan, memory_estimate=estimate), indent=2))
+    else:
+        print(json.dumps(plan, indent=2))
+        print(estimate)
 
 
-def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResult]:
+def run(cfg: Config, world: World, dry_run: bool = False, plan_json: bool = False) -> Optional[TrainResult]:
     """The run on this rank. One job per run dir: global rank 0 takes ``<run_dir>/.lock`` (a second job
     on the same dir exits with RunLockedError naming the holder); a dry run writes nothing and locks
     nothing."""
@@ -100,13 +106,14 @@ def run(cfg: Config, world: World, dry_run: bool = False) -> Optional[TrainResul
         if warning:
             log.warning("%s", warning)
     try:
-        return _run(cfg, world, device, dry_run)
+        return _run(cfg, world, device, dry_run, plan_json)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: Config, world: World, device: torch.device, dry_run: bool) -> Optional[TrainResult]:
+def _run(cfg: Config, world: World, device: torch.device, dry_run: bool,
+         plan_json: bool = False) -> Optional[TrainResult]:
     # Verified before anything is built (every rank checks its share); the trainer asks again and
     # gets the same, remembered verdict.
     resume = resolve_resume(cfg.train.resume, cfg.train.run_dir, verify=verify_on_all_ranks)
@@ -124,7 +131,7 @@ def _run(cfg: Config, world: World, device: torch.device, dry_run: bool) -> Opti
         # Tokenisation, templates and collation work on real rows.
         first = next(iter(train_loader))
         if world.is_main:
-            print_plan(cfg, world, model, ds_config, train_loader, first, task_eval)
+            print_plan(cfg, world, model, ds_config, train_loader, first, task_eval, plan_json)
         return None
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (AudioFlamingo always is)

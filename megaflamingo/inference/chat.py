@@ -9,11 +9,14 @@ the task prefix always stay).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
 import numpy as np
+
+from megaflamingo.io import atomic_write_text
 
 from .prompts import chat_prompt
 from .runner import Query, Runner
@@ -47,21 +50,37 @@ class ChatSession:
         return answer
 
 
+AUDIO_KEYS = ("audio", "path", "name")  # the clip of a dialogue; AF1's chat manifests say "name"
+
+
 def run_dialogue_file(runner: Runner, windows_for, path: str, out: Optional[str] = None,
-                      max_context: int = 512) -> list[dict]:
-    """``path``: JSON, either one dialogue ``{"audio"|"name": ..., "dialogue": [{"user", "assistant"?}, ...]}``
-    or a list of them. Writes (or returns) the same structure with ``prediction`` added per round."""
+                      max_context: int = 512, data_root: Optional[str] = None) -> list[dict]:
+    """Answer every user turn of a dialogue file. ``path``: JSON, one dialogue or a list of them::
+
+        {"audio": "clips/dog.wav",            # or "path" / "name"; relative to data_root, else to
+         "dialogue": [{"user": "What is this sound?", "assistant": "A dog barking."},   # the file's folder
+                      {"user": "Is it indoors?"}]}
+
+    A round's ``assistant`` (optional) is a reference answer: the following turns condition on it
+    instead of on the model's answer. ``windows_for(path)`` embeds a clip. Writes ``out`` (or returns)
+    the same structure with ``prediction`` added to every round."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     dialogues = data if isinstance(data, list) else [data]
+    base = Path(data_root) if data_root else Path(path).parent
     results = []
     for d_i, d in enumerate(dialogues):
         where = f"{path}: dialogue {d_i}"
         if not isinstance(d, dict) or not isinstance(d.get("dialogue"), list) or not d["dialogue"]:
             raise ValueError(f"{where}: needs a non-empty 'dialogue' list of {{user, assistant}} rounds")
-        audio = d.get("audio", d.get("name"))
-        if not isinstance(audio, str):
-            raise ValueError(f"{where}: needs 'audio' (path of the clip)")
-        session = ChatSession(runner, windows_for(audio), max_context=max_context)
+        audio = next((d[k] for k in AUDIO_KEYS if isinstance(d.get(k), str)), None)
+        if audio is None:
+            raise ValueError(f"{where}: needs the clip's path as 'audio' (or 'path', 'name')")
+        clip = Path(audio) if os.path.isabs(audio) else base / audio
+        if not clip.is_file():
+            raise ValueError(f"{where}: audio file {clip} does not exist"
+                             + ("" if data_root else " (relative paths are taken from the dialogue file's "
+                                                     "folder unless --data-root is given)"))
+        session = ChatSession(runner, windows_for(clip), max_context=max_context)
         rounds = []
         for r_i, rnd in enumerate(d["dialogue"]):
             if not isinstance(rnd, dict) or not isinstance(rnd.get("user"), str):
@@ -71,8 +90,8 @@ def run_dialogue_file(runner: Runner, windows_for, path: str, out: Optional[str]
             rounds.append({**rnd, "prediction": pred})
         results.append({**d, "dialogue": rounds})
     if out:
-        Path(out).write_text(json.dumps(results if isinstance(data, list) else results[0], indent=2,
-                                        ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(out, json.dumps(results if isinstance(data, list) else results[0], indent=2,
+                                          ensure_ascii=False) + "\n")
     return results
 
 

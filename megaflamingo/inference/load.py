@@ -1,7 +1,7 @@
 """Load a model for inference from whatever the user has.
 
-* an exported model directory (``megaflamingo-convert export``): config + weights (+ tokenizer,
-  + the encoder record the training data was made with), read by
+* a model directory (``megaflamingo-convert export``, ``zero-to-fp32`` or ``split`` output, or an
+  ``af1-import``): config + weights (+ tokenizer, + the encoder record the training data was made with), read by
   :func:`megaflamingo.checkpoint.model_dir.load_model_dir`;
 * a raw DeepSpeed training checkpoint (a run directory or its ``checkpoints/`` folder): exported
   first (:func:`megaflamingo.checkpoint.export.export`) into a temporary model dir;
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megaflamingo.checkpoint.export import af1_import, export
+from megaflamingo.checkpoint.load import find_index
 from megaflamingo.checkpoint.model_dir import (CONFIG_FILE, LoadedModel, ModelLoadError, encoder_record_from_dataset,
                                                load_model_dir)
 
@@ -32,8 +33,9 @@ def detect_kind(path: Path) -> str:
         raise ModelLoadError(f"{path}: not a model directory or an AF1 .pt checkpoint")
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} does not exist")
+    # a model dir: export / af1-import output, or zero-to-fp32 / split output (config copied beside)
     if any((path / n).is_file() for n in (CONFIG_FILE, "megaflamingo_config.json")) and (
-            list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+            list(path.glob("*.safetensors")) or find_index(path) is not None):
         return "export"
     if (path / "latest").is_file() or list(path.glob("global_step*")) or (path / "checkpoints").is_dir():
         return "deepspeed"
@@ -82,8 +84,7 @@ def _convert_into(convert: Callable[[Path, Path], None], path: Path, out: Path) 
 
 
 def _from_deepspeed(path: Path, out: Path) -> None:
-    ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    export(ckpt, out, progress=False)
+    export(path, out, progress=False)  # a run dir means its checkpoints/
 
 
 def _from_af1(path: Path, out: Path, config: str) -> None:

@@ -1,8 +1,8 @@
 """AF1 model core: config, LM construction, audio transformer, gated cross-attention, LM injection,
 losses, generation, freeze policies.
 
-Exports resolve on first use, so reading a config (:mod:`.config`) does not import torch or
-transformers.
+Exports resolve on first use. ``import megaflamingo`` imports :mod:`.flamingo` itself, to register the
+model with transformers' auto classes.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "AudioFlamingo": ".flamingo",
+    "AudioFlamingoConfig": ".hf_config",
     "AudioTransformer": ".audio_transformer",
     "AudioTransformerConfig": ".config",
     "FlamingoDecoderLayer": ".injection",

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megaflamingo.hub import hf_cache_dir
 from megaflamingo.tokens import SpecialTokens
 
 from .config import ModelConfig
@@ -35,7 +36,7 @@ def build_lm(model_cfg: ModelConfig, vocab_size: int, ds_config: Optional[dict] 
         conf = dict(model_cfg.lm_config)
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf), **kw)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(model_cfg.lm, cache_dir=model_cfg.cache_dir,
+        lm = AutoModelForCausalLM.from_pretrained(model_cfg.lm, cache_dir=hf_cache_dir(model_cfg.cache_dir),
                                                   dtype=torch.float32, **kw)
     # Exactly len(tokenizer) rows, as AF1 (resize_token_embeddings(len(text_tokenizer))): OPT ships
     # 50272 rows, AF1's tokenizer has 50268 tokens, so AF1 checkpoints hold 50268-row embeddings.
@@ -57,7 +58,7 @@ def build_model(model_cfg: ModelConfig, lm: nn.Module, tokens: SpecialTokens, ds
         # dtype follows the config (passing dtype= explicitly picks bf16 on CPU in DeepSpeed 0.19).
         ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with ctx:
-        model = AudioFlamingo(lm, tokens, model_cfg)
+        model = AudioFlamingo.from_lm(lm, tokens, model_cfg)
     dtype = next(lm.parameters()).dtype
     if dtype != torch.float32 and dtype.is_floating_point:
         model.audio_transformer.to(dtype)
@@ -82,7 +83,7 @@ def lm_config_value(model_cfg: ModelConfig, *names: str) -> Optional[int]:
         try:
             from transformers import AutoConfig
 
-            conf = AutoConfig.from_pretrained(model_cfg.lm, cache_dir=model_cfg.cache_dir)
+            conf = AutoConfig.from_pretrained(model_cfg.lm, cache_dir=hf_cache_dir(model_cfg.cache_dir))
         except Exception:  # hub name offline, or a path that is not there: the caller decides
             return None
 

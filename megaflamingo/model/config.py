@@ -5,6 +5,7 @@ depend on nothing above them; the root ``Config`` composes it as its ``model`` s
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -58,6 +59,21 @@ class ModelConfig:
     @property
     def num_audio_slots(self) -> int:
         return self.max_num_window * self.max_num_fewshot
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, src: str = "<config>") -> "ModelConfig":
+        """The inverse of :meth:`to_dict` (a model directory's ``config.json``); unknown keys are an error.
+        YAML configs go through the typed loader of :mod:`megaflamingo.config` instead."""
+        raw = dict(raw)
+        parts = {"audio_transformer": AudioTransformerConfig, "xattn": XattnConfig}
+        try:
+            nested = {k: t(**(raw.pop(k, None) or {})) for k, t in parts.items()}
+            return cls(**raw, **nested)
+        except TypeError as e:
+            raise ConfigError(f"model: {e} ({src})") from None
 
     def validate(self, src: str = "<config>", prefix: str = "model") -> None:
         """Every rule a model config must satisfy, checked in one place (the YAML loader, the AF1

@@ -3,6 +3,11 @@
 The model consumes *precomputed* window embeddings ``audio_embeds [B, L, D]`` (L = max_num_fewshot *
 windows_per_audio slots; audio k owns slots [W*k, W*k + W)) and a window-validity mask ``audio_mask [B, L]``.
 Submodule names follow AF1 (``audio_transformer``, ``lang_encoder``) so its checkpoints map directly.
+
+It is a ``transformers.PreTrainedModel`` (config: :class:`~megaflamingo.model.hf_config.AudioFlamingoConfig`,
+``model_type`` "megaflamingo", registered with ``AutoConfig`` / ``AutoModelForCausalLM`` when
+``megaflamingo`` is imported), so ``from_pretrained(dir)``, ``save_pretrained(dir, max_shard_size=...)`` and
+``push_to_hub`` work on it. Training builds it around an already-built LM with :meth:`AudioFlamingo.from_lm`.
 """
 from __future__ import annotations
 
@@ -11,25 +16,47 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from megaflamingo.tokens import SpecialTokens
 
 from .audio_transformer import AudioTransformer
 from .config import ModelConfig
+from .hf_config import MODEL_TYPE, AudioFlamingoConfig
 from .injection import MEDIA_KWARG, FlamingoDecoderLayer, flamingo_layers, inject_xattn
 from .loss import LOSS_LOGITS, SupervisedLoss, supervised_positions, supervised_token_loss
 from .xattn import MediaContext, media_visibility
 
 
-class AudioFlamingo(nn.Module):
-    """``lang_encoder``: an HF causal LM already sized to the tokenizer; ``tokens``: its special-token ids;
-    ``cfg``: the model section of the config (see :class:`~megaflamingo.model.config.ModelConfig`)."""
+class AudioFlamingo(PreTrainedModel):
+    """``config``: the LM's config, our model section and the special-token ids
+    (:class:`AudioFlamingoConfig`). ``lang_encoder``: an HF causal LM already sized to the tokenizer
+    (pretrained, or partitioned under ZeRO-3); without one the LM is built from ``config.text_config``
+    (random weights, as ``from_pretrained`` does before loading the checkpoint)."""
 
-    def __init__(self, lang_encoder: nn.Module, tokens: SpecialTokens | Mapping[str, int], cfg: ModelConfig,
+    config_class = AudioFlamingoConfig
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlamingoDecoderLayer"]
+    # Attention is the LM's: whatever it supports, this model does.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: AudioFlamingoConfig, lang_encoder: Optional[nn.Module] = None,
                  check_inputs: bool = True):
-        super().__init__()
+        super().__init__(config)
+        cfg = config.model_config()
         cfg.validate(prefix="model")
-        self.tokens = SpecialTokens.of(tokens)
+        if lang_encoder is None:
+            if config.text_config is None:
+                raise ValueError("AudioFlamingoConfig has no text_config: the LM cannot be built")
+            attn = config.text_config._attn_implementation or cfg.attn_implementation
+            lang_encoder = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn)
+        else:
+            config.text_config = lang_encoder.config  # one object: a later resize updates both
+        self.tokens = config.special_tokens()
         vocab = lang_encoder.get_input_embeddings().num_embeddings
         self.tokens.check_vocab(vocab)
         self.media_token_id = self.tokens.media
@@ -49,6 +76,54 @@ class AudioFlamingo(nn.Module):
         ref = next(lang_encoder.parameters())
         if ref.device.type != "meta":
             self.audio_transformer.to(device=ref.device)
+        self.post_init()
+
+    @classmethod
+    def from_lm(cls, lang_encoder: nn.Module, tokens: SpecialTokens | Mapping[str, int], cfg: ModelConfig,
+                check_inputs: bool = True) -> "AudioFlamingo":
+        """The model around an already-built LM (what training, export and the AF1 import do)."""
+        config = AudioFlamingoConfig(text_config=lang_encoder.config, flamingo=cfg, token_ids=SpecialTokens.of(tokens))
+        return cls(config, lang_encoder=lang_encoder, check_inputs=check_inputs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: a weight of the model missing from the directory, or
+        one the model does not have, is an error (never a silently random tensor). A directory exported
+        with trainable weights only holds no LM: load it with
+        ``megaflamingo.checkpoint.model_dir.load_model_dir``, which takes the frozen LM from ``model.lm``."""
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+        if getattr(config, "weights", "full") == "trainable":
+            raise ValueError(f"{pretrained_model_name_or_path}: holds only the trained modules (a trainable-only "
+                             "export); load it with megaflamingo.checkpoint.model_dir.load_model_dir, or export "
+                             "the full weights")
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+               and v}
+        if bad:
+            raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match the model: "
+                             + "; ".join(f"{k.replace('_', ' ')} ({len(v)}): {', '.join(map(str, v[:5]))}"
+                                         for k, v in bad.items()))
+        return (model, info) if want_info else model
+
+    def init_weights(self):
+        """Only tie. Every part is initialised where it is built: the LM by its own ``post_init`` (or its
+        checkpoint), the audio transformer and the xattn blocks by AF1's init (zero gates). HF's generic
+        pass would give the xattn blocks, which sit inside the LM's module tree, the LM's init scheme.
+        Keys missing at ``from_pretrained`` time still go through ``initialize_weights`` as usual."""
+        self.tie_weights(recompute_mapping=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lang_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.lang_encoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.lang_encoder.get_output_embeddings()
 
     # ------------------------------------------------------------------ structure helpers
     @property
@@ -62,7 +137,7 @@ class AudioFlamingo(nn.Module):
     def xattn_blocks(self) -> list[nn.Module]:
         return [l.gated_cross_attn_layer for l in self.flamingo_layers if l.gated_cross_attn_layer is not None]
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Checkpoint each (xattn + decoder layer) pair and the audio transformer.
 
         Non-reentrant checkpointing: the MediaContext rides in kwargs and its tensors get gradients.
@@ -218,3 +293,13 @@ class AudioFlamingo(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, audio_embeds, audio_mask, **kwargs)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    return {k: kwargs[k] for k in names if k in kwargs}
+
+
+# `import megaflamingo` imports this module, so the auto classes know "megaflamingo" from then on.
+AutoConfig.register(MODEL_TYPE, AudioFlamingoConfig, exist_ok=True)
+AutoModelForCausalLM.register(AudioFlamingoConfig, AudioFlamingo, exist_ok=True)

@@ -63,6 +63,43 @@ class EmbedOptions:
     max_windows: int = 16
     progress: bool = True
     allow_outside_root: bool = False      # user opt-in: manifest paths may leave data_root
+    sample_rate: int | None = None        # tiny: its rate; other encoders: must equal their own
+    expect_embed_dim: int | None = None   # a training config's encoder.embed_dim (fixed-size encoders)
+
+
+# EmbedOptions field -> (config field it comes from, the flag that sets it)
+CONFIG_FIELDS = {
+    "encoder": ("encoder.name", "--encoder"), "checkpoint": ("encoder.checkpoint", "--checkpoint"),
+    "random_init": ("encoder.random_init", "--random-init"), "embed_dim": ("encoder.embed_dim", "--embed-dim"),
+    "window_s": ("encoder.window_s", "--window-s"), "overlap_s": ("encoder.overlap_s", "--overlap-s"),
+    "max_windows": ("encoder.max_windows", "--max-windows"),
+    "clip_checkpoint": ("encoder.clip_checkpoint", "--clip-checkpoint"), "fusion": ("encoder.clip_fusion", "--no-fusion"),
+}
+
+
+def options_from_config(cfg, given: dict, src: str = "the config") -> dict:
+    """EmbedOptions fields from a training config (``megaflamingo.config.Config``), so the data is made
+    for exactly the model that config trains: its encoder section.
+    ``given``: fields set by explicit flags; one that disagrees with the config is an error naming both
+    (a checkpoint the config leaves empty may be given). The config's own rules keep its encoder
+    section equal to the model's (embed_dim, max_windows)."""
+    e = cfg.encoder
+    vals = {"encoder": e.name, "checkpoint": e.checkpoint or None, "random_init": e.random_init,
+            "window_s": e.window_s, "overlap_s": e.overlap_s, "max_windows": e.max_windows,
+            "clip_checkpoint": e.clip_checkpoint or None, "fusion": e.clip_fusion, "sample_rate": e.sample_rate}
+    if e.name == "tiny":
+        vals["embed_dim"] = e.embed_dim
+    else:
+        vals["expect_embed_dim"] = e.embed_dim
+    for key, value in given.items():
+        if key not in vals or vals[key] is None:
+            continue
+        if value != vals[key]:
+            field, flag = CONFIG_FIELDS[key]
+            shown = "" if isinstance(value, bool) else f" {value}"
+            raise EmbedError(f"{flag}{shown} contradicts {field}={vals[key]!r} in {src}; drop the flag, or "
+                             "change the config (the data must match the model it trains)")
+    return {k: v for k, v in vals.items() if v is not None or k not in given}
 
 
 def parse_shard(spec: str | None, env: dict | None = None) -> tuple[int, int]:
@@ -93,6 +130,17 @@ def _resolve_meta_names(m: Manifest, o: EmbedOptions) -> tuple[str, str, str]:
         raise EmbedError(f"{m.source}: does not say its {', '.join(missing)}; pass "
                          + " ".join(f"--{k} NAME" for k in missing))
     return dataset, task, split
+
+
+def default_out(cfg, manifest: str, data_root: str, dataset: str | None = None, task: str | None = None,
+                split: str | None = None) -> str:
+    """Where a training config reads this manifest's split: ``data.data_root/<dataset>-<task>/<split>``."""
+    if not cfg.data.data_root:
+        raise EmbedError("--out not given and the config's data.data_root is not set")
+    m = read_manifest(manifest, data_root)
+    o = EmbedOptions(manifest=manifest, data_root=data_root, out="", dataset=dataset, task=task, split=split)
+    ds, tk, sp = _resolve_meta_names(m, o)
+    return str(Path(cfg.data.data_root) / f"{ds}-{tk}" / sp)
 
 
 def _run_fingerprint(o: EmbedOptions, m: Manifest, names, enc_desc, clip_desc) -> dict:
@@ -165,7 +213,13 @@ def run_embed(o: EmbedOptions, log=print) -> dict:
     if o.rows_per_shard < 1 or o.batch_size < 1:
         raise EmbedError("--rows-per-shard and --batch-size must be >= 1")
     enc = build_encoder(o.encoder, o.checkpoint, o.random_init, o.device, o.embed_dim, o.seed,
-                        o.fusion, window_s=o.window_s)
+                        o.fusion, window_s=o.window_s, sample_rate=o.sample_rate)
+    if o.sample_rate is not None and enc.sample_rate != o.sample_rate:
+        raise EmbedError(f"encoder {o.encoder} works at {enc.sample_rate} Hz, the config's encoder.sample_rate "
+                         f"is {o.sample_rate}")
+    if o.expect_embed_dim is not None and enc.embed_dim != o.expect_embed_dim:
+        raise EmbedError(f"encoder {o.encoder} makes {enc.embed_dim}-d embeddings, the config's "
+                         f"encoder.embed_dim is {o.expect_embed_dim}")
     clip_mode = o.clip_encoder
     if clip_mode == "auto":
         clip_mode = "laion-clap" if o.encoder == "laion-clap" else ("mean" if o.encoder == "tiny" else "none")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 class HubAccessError(RuntimeError):
@@ -21,6 +22,10 @@ def no_hub() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # huggingface_hub reads the switch once, at import (``import megaflamingo`` imports it)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
     if getattr(socket.socket.connect, "_megaflamingo_guard", False):
         return
     original = socket.socket.connect

@@ -32,8 +32,12 @@ def test_export_then_inference_load_gives_same_logits(trained, tmp_path):
     out = tmp_path / "export"
     assert cli(["export", str(run / "fp32"), str(out), "--max-shard-size", "100KB", "--no-progress"]) == 0
     conf = json.loads((out / "config.json").read_text())
-    assert conf["weights"] == "full" and conf["megaflamingo"]["model"]["audio_embed_dim"] == 16
-    assert conf["lm_config"]["model_type"] == "opt"
+    # the Hugging Face layout: our model section apart, the LM's config sized to the tokenizer
+    assert conf["model_type"] == "megaflamingo" and conf["architectures"] == ["AudioFlamingo"]
+    assert conf["weights"] == "full" and conf["flamingo"]["audio_embed_dim"] == 16
+    assert conf["text_config"]["model_type"] == "opt"
+    assert conf["text_config"]["vocab_size"] == model.lang_encoder.get_input_embeddings().num_embeddings
+    assert conf["token_ids"] == ids.as_dict() and "model" not in conf["megaflamingo"]
     assert (out / "tokenizer.json").is_file()
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(idx["metadata"]["files"]) > 1
@@ -46,6 +50,69 @@ def test_export_then_inference_load_gives_same_logits(trained, tmp_path):
 
     lm = load_model(out)
     assert torch.equal(logits(lm.model, batch), want)
+
+
+def test_model_dirs_are_hugging_face_model_dirs(trained, tmp_path):
+    """What export writes, transformers loads (registered auto classes, the tokenizer beside it); what
+    save_pretrained writes (any max_shard_size), our loader and transformers load again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megaflamingo.model import AudioFlamingo
+
+    run, model, ids = trained
+    batch = tiny_batch(model, ids)
+    want = logits(model, batch)
+    write_sharded(from_state_dict(model.state_dict()), run / "fp32h", None, progress=False, log=lambda m: None)
+    out = tmp_path / "export"
+    assert cli(["export", str(run / "fp32h"), str(out), "--max-shard-size", "100KB", "--no-progress"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf) is AudioFlamingo and hf.lang_encoder.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(hf.eval(), batch), want)
+    emb, head = hf.lang_encoder.get_input_embeddings().weight, hf.lang_encoder.get_output_embeddings().weight
+    assert emb.data_ptr() == head.data_ptr()  # OPT's lm_head stays tied to the embedding
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == emb.shape[0] and tok.convert_tokens_to_ids("<audio>") == ids.media
+
+    saved = tmp_path / "saved"
+    hf.save_pretrained(saved, max_shard_size="50KB")
+    assert len(list(saved.glob("model-*.safetensors"))) > 2
+    again = AudioFlamingo.from_pretrained(saved)
+    assert torch.equal(logits(again.eval(), batch), want)
+    tok.save_pretrained(saved)
+    assert torch.equal(logits(load_model_dir(saved).model, batch), want)
+
+    # strict: a missing weight is an error, never a silently random tensor
+    from safetensors.torch import save_file
+
+    for f in [*saved.glob("model-*.safetensors"), saved / "model.safetensors.index.json"]:
+        f.unlink()
+    sd = {k: v.contiguous() for k, v in again.state_dict().items() if k != "lang_encoder.lm_head.weight"}
+    gate = next(k for k in sd if k.endswith("attn_gate"))
+    save_file({k: v for k, v in sd.items() if k != gate}, str(saved / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(ValueError, match=f"missing keys \\(1\\): {gate}"):
+        AudioFlamingo.from_pretrained(saved)
+
+
+def test_trainable_only_dirs_and_format_1_dirs_still_load(trained, tmp_path):
+    """A trainable-only export has no LM: from_pretrained says so (load_model_dir takes the LM from
+    model.lm, which a random-init tiny LM does not have: it refuses). A format-1 config.json (before
+    the HF layout) still reads."""
+    from megaflamingo.checkpoint.model_dir import ModelLoadError, read_config
+    from megaflamingo.model import AudioFlamingo
+
+    run, model, ids = trained
+    write_sharded(from_state_dict(model.state_dict()), run / "fp32t", None, progress=False, log=lambda m: None)
+    out = tmp_path / "tr"
+    assert cli(["export", str(run / "fp32t"), str(out), "--trainable-only", "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="trainable-only"):
+        AudioFlamingo.from_pretrained(out)
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model_dir(out)
+    v2 = json.loads((out / "config.json").read_text())
+    v1 = {"architecture": "megaflamingo.AudioFlamingo", "format_version": 1, "weights": "full",
+          "megaflamingo": dict(v2["megaflamingo"], model=v2["flamingo"]), "token_ids": v2["token_ids"]}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    assert read_config(tmp_path / "v1.json").model == read_config(out).model
 
 
 def test_trainable_only_export(trained, tmp_path):
@@ -138,3 +205,30 @@ def test_af1_import_errors(trained, tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatch: audio_transformer\.layer_stack"):
         af1_import(tmp_path / "foundation.pt", tmp_path / "o2", other, progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+def test_push_to_hub_uploads_a_loadable_model_dir(trained, tmp_path, monkeypatch):
+    """push_to_hub (transformers' own, on top of save_pretrained) with the hub replaced by a folder:
+    what would be uploaded loads back as the same model."""
+    import shutil
+
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    run, model, ids = trained
+    uploaded = tmp_path / "hub" / "me" / "tiny-af"
+
+    class Repo:
+        repo_id = "me/tiny-af"
+
+    def create_commit(self, repo_id, operations, **kw):
+        uploaded.mkdir(parents=True)
+        for op in operations:
+            shutil.copyfile(op.path_or_fileobj, uploaded / op.path_in_repo)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model.push_to_hub("me/tiny-af", max_shard_size="50KB")
+    assert len(list(uploaded.glob("model-*.safetensors"))) > 2 and (uploaded / "config.json").is_file()
+    batch = tiny_batch(model, ids)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(uploaded).eval(), batch), logits(model, batch))

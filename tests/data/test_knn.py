@@ -100,3 +100,22 @@ def test_errors(dataset, tmp_path):
                      split="train", encoder=ENC, silence_embedding=[0.0] * 4)
     with pytest.raises(KnnError, match="no clip embeddings"):
         build_knn(tmp_path / "noclip" / "train")
+
+
+def test_k_larger_than_the_train_split_warns_with_the_numbers(tmp_path, capsys):
+    import json
+
+    from megaflamingo.cli.preprocess import main
+
+    rng = np.random.default_rng(1)
+    _write(tmp_path / "train", list(rng.standard_normal((6, 3)).astype(np.float32)), [f"f{i}.wav" for i in range(6)],
+           "train")
+    _write(tmp_path / "val", list(rng.standard_normal((2, 3)).astype(np.float32)), ["v0.wav", "v1.wav"], "val")
+    assert main(["knn", "--split-dir", str(tmp_path / "val"), "-k", "64"]) == 0
+    out = capsys.readouterr()
+    info = json.loads(out.out)
+    assert info["k"] == 64 and info["min_neighbors"] == 6
+    assert "[knn] warning: k=64 asks for 63 neighbours per row, but the train split" in out.err
+    assert "has 6 rows with a clip embedding: rows get at most 6 neighbours" in out.err
+    assert main(["knn", "--split-dir", str(tmp_path / "train"), "-k", "4"]) == 0  # 3 <= 5: no warning
+    assert "warning" not in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megaflamingo.data.manifests import ManifestError, build_manifest, read_manifest
+from megaflamingo.data.manifests import ManifestError, read_manifest
 
 
 def _af1(tmp_path, data_root, **over):
@@ -74,18 +74,3 @@ def test_jsonl_and_json_list(tmp_path):
                  + json.dumps({"path": "b", "output": "o", "split": "y"}) + "\n")
     with pytest.raises(ManifestError, match="disagree on 'split'"):
         read_manifest(p, tmp_path)
-
-
-def test_build_manifest_from_json_labels(tmp_path):
-    from megaflamingo.testing import write_audio
-    write_audio(tmp_path / "f/a.wav", "tone", 0.5, 16000)
-    write_audio(tmp_path / "f/b.wav", "tone", 0.5, 16000)
-    (tmp_path / "labels.json").write_text(json.dumps({"a.wav": ["cap 1", "cap 2"], "zzz.wav": "x"}))
-    s = build_manifest(tmp_path / "f", tmp_path / "labels.json", tmp_path / "out.jsonl",
-                       data_root=str(tmp_path))
-    recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [(r["path"], r["output"]) for r in recs] == [("f/a.wav", "cap 1"), ("f/a.wav", "cap 2")]
-    assert s["labels_without_audio"] == ["zzz.wav"] and s["audio_without_labels"] == ["b.wav"]
-    (tmp_path / "bad.csv").write_text("name,whatever\na.wav,x\n")
-    with pytest.raises(ManifestError, match="text column"):
-        build_manifest(tmp_path / "f", tmp_path / "bad.csv", tmp_path / "o2.jsonl")

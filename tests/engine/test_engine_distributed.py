@@ -121,6 +121,8 @@ def test_zero3_two_ranks_learns(ref):
     tmp, res = ref
     losses = res["losses"]
     assert len(losses) == 10 and res["step"] == 10
+    # the HF-model AudioFlamingo is built partitioned: LM, audio transformer and xattn under zero.Init
+    assert res["model_class"] == "PreTrainedModel" and res["whole_at_build"] == []
     assert sum(losses[-3:]) / 3 < losses[0] - 0.4, losses  # well below the start
     assert res["valid"]["synth-val"] < losses[0]
     ckpt = tmp / "ref" / "checkpoints"

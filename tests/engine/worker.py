@@ -64,6 +64,8 @@ def main(spec_path):
     ds = build_ds_config(cfg, world.world_size, hidden_size=64)
     # The tiny OPT has no dropout; AF1's audio transformer keeps its 0.1 (so RNG restore matters).
     model = build_run_model(cfg, tok, ids, ds)
+    # which parameters zero.Init did not partition while the model was built (ZeRO-3 + zero_init: none)
+    whole_at_build = sorted(n for n, p in model.named_parameters() if not hasattr(p, "ds_id"))
     if spec.get("init_from"):
         return init_from_and_report(spec, model, cfg, world, device, ds)
     if cfg.train.gradient_checkpointing:
@@ -128,7 +130,8 @@ def main(spec_path):
     if world.rank == 0:
         out = {"stopped_by_signal": res.stopped_by_signal, "losses": res.losses, "step": res.step, "skipped": res.nonfinite_skipped,
                "resumed_from": res.resumed_from, "valid": res.valid, "eval": res.eval, "trainable": trainer.trainable,
-               "frozen": trainer.frozen}
+               "frozen": trainer.frozen, "whole_at_build": whole_at_build,
+               "model_class": type(model).__mro__[1].__name__}
         with open(spec["result"], "w") as f:
             json.dump(out, f)
 

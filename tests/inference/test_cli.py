@@ -66,6 +66,22 @@ def test_chat_dialogue_file_several_rounds(trained, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [r["user"] for r in res["dialogue"]] == [r["user"] for r in talk["dialogue"]]
     assert all(isinstance(r["prediction"], str) for r in res["dialogue"])
+    capsys.readouterr()
+
+    # "path" instead of "audio", relative to the dialogue file's folder (no --data-root); --json: the
+    # answers are the one JSON document on stdout
+    clip_dir = tmp_path / "clips"
+    clip_dir.mkdir()
+    (clip_dir / "c.wav").write_bytes((trained["data"] / clip["name"]).read_bytes())
+    f2 = clip_dir / "talk.json"
+    f2.write_text(json.dumps([{"path": "c.wav", "dialogue": talk["dialogue"][1:]}]))
+    rc = main(["--model", str(trained["model"]), "--chat", "--dialogue", str(f2), "--max-new-tokens", "4", "--json"])
+    res2 = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [r["user"] for r in res2[0]["dialogue"]] == ["is it loud?", "describe it again."]
+    f2.write_text(json.dumps({"path": "gone.wav", "dialogue": talk["dialogue"]}))
+    rc = main(["--model", str(trained["model"]), "--chat", "--dialogue", str(f2), "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"audio file {clip_dir / 'gone.wav'} does not exist" in err and "Traceback" not in err
 
 
 def test_chat_history_is_carried_and_trimmed(trained):

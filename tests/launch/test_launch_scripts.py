@@ -134,3 +134,25 @@ def test_mpirun_multi_node_discovery_broadcasts_rank0_host(tmp_path):
     assert rc == 0, out[-3000:]
     results = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
     assert results == ["RESULT mpi 0 2 True", "RESULT mpi 1 2 True"], out[-3000:]
+
+
+def test_mpirun_forwards_every_variable_the_stage_configs_use(tmp_path):
+    """Ranks on other hosts get no environment of their own: the script must -x every ${NAME} a config
+    refers to. Checked against what the shipped configs actually use, with a stand-in mpirun."""
+    import re
+
+    fake = tmp_path / "bin" / "mpirun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        used = sorted(set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", config.read_text())))
+        env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", NP="2",
+                   **{name: f"/x/{name}" for name in used}, HF_HUB_OFFLINE="1", NCCL_IB_HCA="mlx5")
+        out = subprocess.run(["bash", "launch/mpirun_train.sh", str(config)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        argv = out.stdout.splitlines()
+        forwarded = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+        assert set(used) | {"HF_HUB_OFFLINE", "NCCL_IB_HCA", "PATH"} <= forwarded, (config.name, used, forwarded)
+        assert argv[-3:] == ["megaflamingo-train", "--config", str(config)]
