@@ -149,7 +149,7 @@ def trained_presets(config) -> list[tuple[str, str, str]]:
     """(label, task, prompt) for each task the model was trained on whose preprocessed split is
     still readable under the config's data root (its first row's prompt); others are skipped."""
     from megaflamingo.data.arrow_format import open_shards
-    from megaflamingo.data.reader import parse_blend_name
+    from megaflamingo.data.reader import inside_root, parse_blend_name
 
     data = getattr(config, "data", None)
     root = getattr(data, "data_root", None)
@@ -159,11 +159,12 @@ def trained_presets(config) -> list[tuple[str, str, str]]:
             b = parse_blend_name(name)
         except ValueError:
             continue
-        task = b.dataset
+        task = b.flamingo_task
         if task in seen or not root:
             continue
         try:
-            tables = open_shards(os.path.join(root, b.dataset, b.split))
+            tables = open_shards(inside_root(root, b.split_dir, bool(getattr(data, "allow_outside_root", False)),
+                                             "the training split"))
             prompt = next((p for t in tables for p in t.column("prompt").to_pylist()[:1] if p), None)
         except Exception:  # moved/missing training data: no preset for it
             continue
@@ -183,6 +184,39 @@ def error_md(message: str) -> str:
 
 def _candidates_rows(cands) -> list[list]:
     return [[i + 1, c.text, round(c.score, 4), c.count] for i, c in enumerate(cands)]
+
+
+EMPTY_ANSWER = "(the model answered nothing: it ended its answer at once)"
+
+
+def _status(g, n: int) -> str:
+    """The line under an answer: its re-ranking score, or a note for an empty answer."""
+    parts = []
+    if g.score is not None:
+        parts.append(f"LAION-CLAP score {g.score:.3f} (best of {n} samples; all of them under *Other candidates*)")
+    if not g.text.strip():
+        parts.append(EMPTY_ANSWER)
+    return " · ".join(parts)
+
+
+def chat_messages(pairs) -> list[dict]:
+    """Chat rounds -> the chat widget's messages (an empty reply shown as a note, kept as '' in
+    the history the model conditions on)."""
+    out = []
+    for u, a in pairs:
+        out.append({"role": "user", "content": u})
+        out.append({"role": "assistant", "content": a if a.strip() else f"*{EMPTY_ANSWER}*"})
+    return out
+
+
+def example_md(nb, ex, audio_missing: bool = False) -> str:
+    """A retrieved example's card: the answer shown to the model, its question as the prompt has
+    it, where it comes from."""
+    q = "  \n".join(_md_escape(line) for line in ex.prompt.splitlines())
+    where = f"{_md_escape(nb.id)} · distance {nb.distance:.3f}"
+    if audio_missing:
+        where += " · audio not playable (give --icl-audio-root, the split's audio folder)"
+    return f"**{_md_escape(ex.output)}**  \n{q}  \n<sub>{where}</sub>"
 
 
 def model_summary(service, opts: DemoOptions) -> str:
@@ -285,13 +319,16 @@ def build_app(service, opts: DemoOptions):
                                           elem_id="candidates-accordion"):
                             candidates = gr.Dataframe(headers=["rank", "answer", "LAION-CLAP score", "samples"],
                                                       datatype=["number", "str", "number", "number"],
-                                                      interactive=False, elem_id="candidates", wrap=True)
+                                                      interactive=False, elem_id="candidates", wrap=True,
+                                                      column_widths=["9%", "61%", "18%", "12%"])
                         with gr.Accordion("Prompt sent to the model", open=False):
                             ask_prompt = gr.Textbox(label="prompt text", interactive=False, lines=3,
                                                     elem_id="ask-prompt")
                     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                        chatbot = gr.Chatbot(label="Chat about the clip (AF1's dialog format)", height=340,
-                                             elem_id="chatbot", feedback_options=None)
+                        gr.Markdown("Chat about the clip in the chat model's format (*The task is dialog.*); "
+                                    "a new clip starts a new chat.")
+                        chatbot = gr.Chatbot(show_label=False, height=340, elem_id="chatbot", feedback_options=None,
+                                             buttons=[], placeholder="no messages yet")
                         with gr.Row():
                             message = gr.Textbox(placeholder="ask something about the clip", show_label=False,
                                                  elem_id="chat-message", scale=4, submit_btn=False)
@@ -371,8 +408,7 @@ def build_app(service, opts: DemoOptions):
         def on_ask(path, task_v, instruction_v, *dec):
             s, rr, n = settings_of(*dec)
             g = service.answer(path, instruction_v, s, task=(task_v or "").strip() or None, num_samples=n, rerank=rr)
-            score = f"LAION-CLAP score {g.score:.3f} (best of {n} samples)" if g.score is not None else ""
-            return {answer: g.text, ask_status: score, ask_prompt: g.prompt,
+            return {answer: g.text, ask_status: _status(g, n), ask_prompt: g.prompt,
                     candidates: _candidates_rows(g.candidates)}
 
         @guard(chat_status)
@@ -381,9 +417,7 @@ def build_app(service, opts: DemoOptions):
             hist = list(hist or [])
             g = service.chat(path, msg, hist, s, num_samples=n, rerank=rr)
             hist.append((msg, g.text))
-            shown = [m for u, a in hist for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-            note = f"LAION-CLAP score {g.score:.3f}" if g.score is not None else ""
-            return {chatbot: shown, history: hist, message: "", chat_status: note}
+            return {chatbot: chat_messages(hist), history: hist, message: "", chat_status: _status(g, n)}
 
         def on_clear():
             return [], [], "", ""
@@ -391,17 +425,14 @@ def build_app(service, opts: DemoOptions):
         @guard(fs_status)
         def on_fewshot(path, k_v, instruction_v, *dec):
             s, rr, n = settings_of(*dec)
-            g, neigh = service.fewshot(path, instruction_v, int(k_v), s, num_samples=n, rerank=rr)
-            ordered = list(reversed(neigh))  # prompt order: farthest first
-            out = {fs_answer: g.text, fs_prompt: g.prompt,
-                   fs_status: f"LAION-CLAP score {g.score:.3f}" if g.score is not None else ""}
+            g, fs = service.fewshot(path, instruction_v, int(k_v), s, num_samples=n, rerank=rr)
+            out = {fs_answer: g.text, fs_prompt: g.prompt, fs_status: _status(g, n)}
             for i in range(max_examples):
-                if i < len(ordered):
-                    nb = ordered[i]
+                if i < len(fs.examples):
+                    nb, ex = fs.examples[i]
                     out[ex_boxes[i]] = gr.update(visible=True)
                     out[ex_audio[i]] = service.neighbour_audio(nb, opts.icl_audio_root)
-                    out[ex_text[i]] = (f"**{_md_escape(nb.output)}**  \n{_md_escape(nb.prompt)}  \n"
-                                       f"<sub>{_md_escape(nb.id)} · distance {nb.distance:.3f}</sub>")
+                    out[ex_text[i]] = example_md(nb, ex, audio_missing=out[ex_audio[i]] is None)
                 else:
                     out[ex_boxes[i]] = gr.update(visible=False)
                     out[ex_audio[i]] = None

@@ -202,9 +202,10 @@ class InferenceService:
     def fewshot(self, path, prompt: str, k: int, settings: Optional[GenerationSettings] = None,
                 task: Optional[str] = None, prefix: Optional[str] = None, num_samples: int = 1,
                 rerank: bool = False):
+        """-> (Generated, FewShot)."""
         settings = settings or GenerationSettings(max_new_tokens=64)
-        query, neigh = self.fewshot_query(path, prompt, k, task, prefix)
-        return self.generate(query, settings, path, num_samples, rerank), neigh
+        fs = self.fewshot_query(path, prompt, k, task, prefix)
+        return self.generate(fs.query, settings, path, num_samples, rerank), fs
 
     # ------------------------------------------------------------------ neighbours' audio
     def neighbour_audio(self, neighbour, audio_root: Optional[str | os.PathLike]):
