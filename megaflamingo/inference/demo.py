@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -189,9 +190,9 @@ def _candidates_rows(cands) -> list[list]:
 EMPTY_ANSWER = "(the model answered nothing: it ended its answer at once)"
 
 
-def _status(g, n: int) -> str:
-    """The line under an answer: its re-ranking score, or a note for an empty answer."""
-    parts = []
+def _status(g, n: int, seconds: float) -> str:
+    """The line under an answer: time taken, its re-ranking score, a note for an empty answer."""
+    parts = [f"answered in {seconds:.1f} s"]
     if g.score is not None:
         parts.append(f"LAION-CLAP score {g.score:.3f} (best of {n} samples; all of them under *Other candidates*)")
     if not g.text.strip():
@@ -210,9 +211,10 @@ def chat_messages(pairs) -> list[dict]:
 
 
 def example_md(nb, ex, audio_missing: bool = False) -> str:
-    """A retrieved example's card: the answer shown to the model, its question as the prompt has
-    it, where it comes from."""
-    q = "  \n".join(_md_escape(line) for line in ex.prompt.splitlines())
+    """A retrieved example's card: the answer shown to the model, the first line of its question
+    (the whole text is under "Prompt sent to the model"), where it comes from."""
+    lines = [line for line in ex.prompt.splitlines() if line.strip()] or [""]
+    q = _md_escape(lines[0]) + (f" *(+{len(lines) - 1} more lines)*" if len(lines) > 1 else "")
     where = f"{_md_escape(nb.id)} · distance {nb.distance:.3f}"
     if audio_missing:
         where += " · audio not playable (give --icl-audio-root, the split's audio folder)"
@@ -321,7 +323,7 @@ def build_app(service, opts: DemoOptions):
                                                       datatype=["number", "str", "number", "number"],
                                                       interactive=False, elem_id="candidates", wrap=True,
                                                       column_widths=["9%", "61%", "18%", "12%"])
-                        with gr.Accordion("Prompt sent to the model", open=False):
+                        with gr.Accordion("Prompt sent to the model", open=False, elem_id="ask-prompt-accordion"):
                             ask_prompt = gr.Textbox(label="prompt text", interactive=False, lines=3,
                                                     elem_id="ask-prompt")
                     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
@@ -352,7 +354,8 @@ def build_app(service, opts: DemoOptions):
                                 fs_answer = gr.Textbox(label="Answer", interactive=False, lines=2,
                                                        elem_id="fewshot-answer")
                                 fs_status = gr.Markdown("", elem_id="fewshot-status", elem_classes=["mf-status"])
-                                with gr.Accordion("Prompt sent to the model", open=False):
+                                with gr.Accordion("Prompt sent to the model", open=False,
+                                                  elem_id="fewshot-prompt-accordion"):
                                     fs_prompt = gr.Textbox(label="prompt text", interactive=False, lines=4,
                                                            elem_id="fewshot-prompt")
                             with gr.Column(scale=1):
@@ -362,7 +365,8 @@ def build_app(service, opts: DemoOptions):
                                 for i in range(max_examples):
                                     with gr.Group(visible=False, elem_id=f"example-{i}") as box:
                                         ex_audio.append(gr.Audio(label=f"example {i + 1}", interactive=False,
-                                                                 type="numpy", elem_id=f"example-{i}-audio"))
+                                                                 type="numpy", elem_id=f"example-{i}-audio",
+                                                                 buttons=["download"]))
                                         ex_text.append(gr.Markdown(elem_id=f"example-{i}-text"))
                                     ex_boxes.append(box)
             with gr.Column(scale=1, min_width=260):
@@ -406,27 +410,30 @@ def build_app(service, opts: DemoOptions):
 
         @guard(ask_status)
         def on_ask(path, task_v, instruction_v, *dec):
+            t0 = time.perf_counter()
             s, rr, n = settings_of(*dec)
             g = service.answer(path, instruction_v, s, task=(task_v or "").strip() or None, num_samples=n, rerank=rr)
-            return {answer: g.text, ask_status: _status(g, n), ask_prompt: g.prompt,
+            return {answer: g.text, ask_status: _status(g, n, time.perf_counter() - t0), ask_prompt: g.prompt,
                     candidates: _candidates_rows(g.candidates)}
 
         @guard(chat_status)
         def on_send(path, msg, hist, *dec):
+            t0 = time.perf_counter()
             s, rr, n = settings_of(*dec)
             hist = list(hist or [])
             g = service.chat(path, msg, hist, s, num_samples=n, rerank=rr)
             hist.append((msg, g.text))
-            return {chatbot: chat_messages(hist), history: hist, message: "", chat_status: _status(g, n)}
+            return {chatbot: chat_messages(hist), history: hist, message: "", chat_status: _status(g, n, time.perf_counter() - t0)}
 
         def on_clear():
             return [], [], "", ""
 
         @guard(fs_status)
         def on_fewshot(path, k_v, instruction_v, *dec):
+            t0 = time.perf_counter()
             s, rr, n = settings_of(*dec)
             g, fs = service.fewshot(path, instruction_v, int(k_v), s, num_samples=n, rerank=rr)
-            out = {fs_answer: g.text, fs_prompt: g.prompt, fs_status: _status(g, n)}
+            out = {fs_answer: g.text, fs_prompt: g.prompt, fs_status: _status(g, n, time.perf_counter() - t0)}
             for i in range(max_examples):
                 if i < len(fs.examples):
                     nb, ex = fs.examples[i]

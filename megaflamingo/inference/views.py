@@ -83,11 +83,15 @@ def spectrogram_image(audio: np.ndarray, sample_rate: int, windows: Optional[dic
 def _annotate(img: np.ndarray, total_s: float, audio_s: float, n: int, spec_h: int) -> np.ndarray:
     """Time ticks below the picture and a legend, drawn with Pillow's built-in font when present."""
     try:
-        from PIL import Image, ImageDraw
+        from PIL import Image, ImageDraw, ImageFont
     except ImportError:  # the picture stays readable without the labels
         return img
+    try:  # Pillow >= 10.1 scales its built-in font; pages show this image shrunk to about 2/3
+        font = ImageFont.load_default(size=15)
+    except TypeError:
+        font = ImageFont.load_default()
     h, w = img.shape[:2]
-    canvas = Image.new("RGB", (w, h + 18), (255, 255, 255))
+    canvas = Image.new("RGB", (w, h + 22), (255, 255, 255))
     canvas.paste(Image.fromarray(img), (0, 0))
     d = ImageDraw.Draw(canvas)
     step = next(s for s in (0.5, 1, 2, 5, 10, 20, 60) if total_s / s <= 12)
@@ -95,16 +99,16 @@ def _annotate(img: np.ndarray, total_s: float, audio_s: float, n: int, spec_h: i
         x = min(int(k * step / total_s * w), w - 1)
         d.line([(x, h), (x, h + 4)], fill=(90, 90, 90))
         label = f"{k * step:g} s"
-        lw = d.textlength(label)
-        d.text((min(max(x - lw / 2, 0), w - lw - 1), h + 5), label, fill=(60, 60, 60))
+        lw = d.textlength(label, font=font)
+        d.text((min(max(x - lw / 2, 0), w - lw - 1), h + 5), label, fill=(60, 60, 60), font=font)
     legend = f"{n} window{'s' if n != 1 else ''} of the model; {audio_s:.2f} s of audio"
     if total_s - audio_s > 1e-3:
         legend += f" + {total_s - audio_s:.2f} s zero padding"
     # top right: a page usually overlays its label on the top left of an image
-    x = w - 7 - d.textlength(legend)
-    x0, y0, x1, y1 = d.textbbox((x, 4), legend)
+    x = w - 7 - d.textlength(legend, font=font)
+    x0, y0, x1, y1 = d.textbbox((x, 4), legend, font=font)
     d.rectangle([(x0 - 3, y0 - 2), (x1 + 3, y1 + 2)], fill=(255, 255, 255))
-    d.text((x, 4), legend, fill=(30, 30, 30))
+    d.text((x, 4), legend, fill=(30, 30, 30), font=font)
     return np.asarray(canvas)
 
 
