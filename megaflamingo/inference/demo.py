@@ -192,7 +192,7 @@ EMPTY_ANSWER = "(the model answered nothing: it ended its answer at once)"
 
 def _status(g, n: int, seconds: float) -> str:
     """The line under an answer: time taken, its re-ranking score, a note for an empty answer."""
-    parts = [f"answered in {seconds:.1f} s"]
+    parts = [f"answered in {seconds:.2f} s"]
     if g.score is not None:
         parts.append(f"LAION-CLAP score {g.score:.3f} (best of {n} samples; all of them under *Other candidates*)")
     if not g.text.strip():

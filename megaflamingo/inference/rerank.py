@@ -6,7 +6,7 @@ LAION-CLAP's text embedding of each answer with LAION-CLAP's embedding of the cl
 * the **text tower** is transformers' ``ClapTextModelWithProjection`` (the same RoBERTa encoder +
   two-layer projection LAION-CLAP uses), loaded from the user's LAION-CLAP ``.pt`` by renaming its
   ``text_branch.*`` / ``text_projection.{0,2}.*`` tensors (:func:`laion_text_state_dict`), tokenised
-  as LAION does (RoBERTa BPE, padded/truncated to 77 tokens);
+  as LAION does (RoBERTa BPE, truncated at 77 tokens);
 * the **audio side** is :class:`megaflamingo.inference.embed.ClipEmbedder`, i.e. exactly the clip
   embedding preprocessing stores for kNN retrieval (first 10 s at 48 kHz, int16 round trip,
   repeat-pad). AF1's demo fed up to 33.25 s through LAION's fusion path, whose crops are random, so
@@ -168,7 +168,10 @@ class ClapTextTower:
             return np.zeros((0, self.embed_dim), np.float32)
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i:i + batch_size], padding="max_length", truncation=True,
+            # LAION pads every text to 77 tokens; padding is masked out (and RoBERTa's positions
+            # count real tokens only), so padding to the batch's longest gives the same embeddings
+            # at a fraction of the cost for short answers.
+            enc = self.tokenizer(texts[i:i + batch_size], padding="longest", truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             res = self.model(input_ids=enc["input_ids"].to(self.device),
                              attention_mask=enc["attention_mask"].to(self.device))

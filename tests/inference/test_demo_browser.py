@@ -33,6 +33,8 @@ sync_api.expect.set_options(timeout=120_000)  # two shared cores: a generation c
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Chromium's fake microphone (a beep) and auto-granted permission: the recording path is tested too.
+FAKE_MICROPHONE = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 DS = f"{synthetic.DATASET}-{synthetic.TASK}"
 HERE = Path(__file__).resolve().parent
 TIMEOUT_MS = 120_000
@@ -109,14 +111,14 @@ def server(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(server):
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS + FAKE_MICROPHONE)
         yield b
         b.close()
 
 
 @pytest.fixture
 def page(browser, server):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["microphone"])
     pg = ctx.new_page()
     outside = []
 
@@ -297,6 +299,32 @@ def test_page_fewshot_shows_neighbours(server, page, capsys):
                                                                                      r"<audio>(?:(?!<audio>).)*"
                                                                                      r"<audio>(?:(?!<audio>).)*$",
                                                                                      re.S))
+
+
+def test_microphone_recording(server, page, capsys):
+    """Record ~3 s from the (fake) microphone: the server gets a file, embeds it like an upload and
+    answers as the CLI does on that very file."""
+    from urllib.parse import unquote
+
+    page.locator('#audio button[aria-label="Record audio"]').click()
+    sync_api.expect(page.locator("#audio select.mic-select")).to_be_enabled()
+    page.locator("#audio button.record-button").click()
+    time.sleep(3.0)
+    page.locator("#audio button.stop-button").first.click()
+    sync_api.expect(page.locator("#audio-info")).to_contain_text("-> 1 window")
+    assert re.match(r"[23]\.\d\d s, ", page.locator("#audio-info").inner_text())
+    href = page.locator('#audio a[download]').first.get_attribute("href")
+    recorded = Path(unquote(href.split("/gradio_api/file=", 1)[1]))
+    assert recorded.is_file() and str(recorded).startswith(str(server["work"] / "uploads"))
+    _decoding(page, "greedy")
+    page.locator("#instruction textarea").fill("what do you hear?")
+    page.locator("#ask-button").click()
+    _answered(page, "#ask-status")
+    task = page.locator("#task textarea").input_value()
+    want = _cli(capsys, "--model", str(server["trained"]["model"]), "--audio", str(recorded), "--prompt",
+                "what do you hear?", "--task", task, "--max-new-tokens", "8")["answer"]
+    assert _value(page, "#answer") == want
+    _shot(page, server, "microphone")
 
 
 def test_bad_uploads_show_a_message(server, page, tmp_path):
