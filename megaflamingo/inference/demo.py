@@ -258,6 +258,8 @@ def build_app(service, opts: DemoOptions):
     preset_task[CUSTOM], preset_prompt[CUSTOM] = "", ""
     first = presets[0][0]
     max_examples = max(int(mc.max_num_fewshot) - 1, 0)
+    win_s = float(service.windows_layout.get("window_s", 7.0))
+    overlap_s = float(service.windows_layout.get("overlap_s", 5.25))
     icl_prompt = ""
     if has_index:
         icl_prompt = next((p for p in service.index.table.column("prompt").to_pylist()[:1] if p), "")
@@ -300,9 +302,11 @@ def build_app(service, opts: DemoOptions):
                 audio_info = gr.Markdown("Upload a clip or record one.", elem_id="audio-info",
                                          elem_classes=["mf-status"])
             with gr.Column(scale=3):
-                spectrogram = gr.Image(label="What the model hears: log-mel, 50 Hz - 8 kHz; its 7 s windows below",
-                                       type="numpy", interactive=False, elem_id="spectrogram", buttons=[],
-                                       height=210)
+                gr.Markdown(f"**What the model hears**: the log-mel (50 Hz - 8 kHz) of the audio it reads, "
+                            f"and below it the model's windows ({win_s:g} s, {win_s - overlap_s:g} s apart)",
+                            elem_id="spectrogram-caption")
+                spectrogram = gr.Image(show_label=False, type="numpy", interactive=False, elem_id="spectrogram",
+                                       buttons=[], height=200)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="tabs"):
@@ -493,8 +497,12 @@ def build_app(service, opts: DemoOptions):
 
 def serve(opts: DemoOptions) -> None:
     """Load the model once, build the page, queue requests, serve until interrupted."""
+    import importlib.util
+
     from .service import InferenceService
 
+    if importlib.util.find_spec("gradio") is None:  # before minutes of model loading
+        raise RuntimeError("the demo needs gradio: pip install 'megaflamingo[demo]'")
     # Never phone home (version checks, analytics) and never fetch web fonts: the page works offline.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     device = opts.device
