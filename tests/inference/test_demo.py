@@ -206,3 +206,19 @@ def test_service_refuses_bad_requests(trained, service, tmp_path):
     plain = InferenceService(service.loaded, service.embedder)
     with pytest.raises(UploadError, match="--icl-from"):
         plain.fewshot(wav, "x", 2)
+
+
+def test_trained_presets_read_the_training_splits(trained, service):
+    """The model's own tasks become presets (with their split's prompt) while the data is there."""
+    import dataclasses
+
+    from megaflamingo.inference.demo import trained_presets
+
+    cfg = service.loaded.config
+    assert trained_presets(cfg) == []  # this model's config records no data root
+    here = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_root=str(trained["arrow"])))
+    first = next(iter(cfg.data.blend))
+    prompt = json.loads(trained["ds"].manifests["train"].read_text().splitlines()[0])["prompt"]
+    assert trained_presets(here) == [(f"{DS} (trained)", DS, prompt)] and first.startswith(DS)
+    gone = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_root=str(trained["root"] / "moved")))
+    assert trained_presets(gone) == []
