@@ -17,14 +17,18 @@ Hugging Face cache); tests build both at run time with random weights.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .runner import GenerationSettings, Query, Runner
 
 # LAION-CLAP tokenises every text to exactly this many RoBERTa tokens.
 LAION_TEXT_LENGTH = 77
@@ -48,6 +52,95 @@ class Candidate:
     score: float  # cosine similarity of the text and audio embeddings, in [-1, 1]
     count: int
     first_sample: int  # index of the first sample that produced it (the tie-break)
+
+
+@dataclass
+class Generated:
+    """An answer to one query. With several samples: every sample in sampling order; re-ranked:
+    also the best one's LAION-CLAP score and every distinct sample, best first."""
+
+    text: str
+    prompt: str
+    score: Optional[float] = None
+    candidates: list[Candidate] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+
+    def fields(self) -> dict:
+        """What a JSON report adds to the answer: ``samples`` (in sampling order) when there were
+        several; ``score`` + ``candidates`` when re-ranked."""
+        out = {"samples": list(self.samples)} if len(self.samples) > 1 else {}
+        if self.candidates:
+            out.update(score=self.score, candidates=[dataclasses.asdict(c) for c in self.candidates])
+        return out
+
+    def lines(self) -> str:
+        """Plain-text report: the answer; below it, with several samples, one line per candidate
+        (``score  count x  text``) or per sample."""
+        out = [self.text]
+        if self.candidates and len(self.samples) > 1:
+            out += [f"{c.score:+.4f}  {c.count}x  {c.text}" for c in self.candidates]
+        elif len(self.samples) > 1:
+            out += [f"sample {i}: {t}" for i, t in enumerate(self.samples)]
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling several answers
+
+
+def sampling_settings(num_samples: Optional[int] = None, rerank: bool = False, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, **kw) -> tuple[GenerationSettings, int]:
+    """Decoding settings + number of samples for a request. ``top_k`` / ``top_p`` None = not
+    chosen: AF1's 50 / 0.95 when re-ranking (which implies sampling, 10 samples unless
+    ``num_samples``), else off (0 / 1.0). Several samples without sampling are refused (greedy and
+    beam answers would all be equal). ``kw``: the other :class:`GenerationSettings` fields."""
+    if rerank:
+        if int(kw.get("num_beams", 1)) > 1:
+            raise ValueError("re-ranking samples answers: beam search (num_beams > 1) does not apply")
+        kw["do_sample"] = True
+    n = int(num_samples) if num_samples is not None else (AF1_RERANK_SAMPLES if rerank else 1)
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
+    if n > 1 and not kw.get("do_sample"):
+        raise ValueError(f"{n} samples need sampling (--sample, or --rerank-clap): greedy and beam answers "
+                         "are all equal")
+    default_k, default_p = (AF1_RERANK_TOP_K, AF1_RERANK_TOP_P) if rerank else (0, 1.0)
+    s = GenerationSettings(top_k=default_k if top_k is None else int(top_k),
+                           top_p=default_p if top_p is None else float(top_p), **kw)
+    s.validate()
+    return s, n
+
+
+def sample_answers(runner: Runner, query: Query, n: int) -> list[str]:
+    """``n`` samples for one query: the query repeated ``n`` times in one batch (rows draw
+    independent tokens from the one seeded generator, so a seed reproduces all ``n``)."""
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {n}")
+    if not runner.settings.do_sample:
+        raise ValueError("several samples need sampling (do_sample=True); greedy/beam answers are all equal")
+    return runner.answer([query] * n)
+
+
+def rank_samples(reranker: "ClapReranker", audio, samples: Sequence[str], prompt: str) -> Generated:
+    """The samples ordered by LAION-CLAP similarity with ``audio`` (a file or its clip embedding)."""
+    cands = reranker.rank(audio, samples)
+    return Generated(cands[0].text, prompt, cands[0].score, cands, list(samples))
+
+
+def answer_query(runner: Runner, query: Query, num_samples: int = 1, reranker: Optional["ClapReranker"] = None,
+                 audio: Optional[str | os.PathLike] = None, model_lock=None) -> Generated:
+    """One answer (``num_samples`` 1, no ``reranker``), the first of ``num_samples`` samples, or,
+    with ``reranker``, the sample LAION-CLAP finds closest to ``audio`` (the clip the query is about).
+    ``model_lock``: held while the model generates (a server's callers share one model)."""
+    if reranker is not None and audio is None:
+        raise ValueError("re-ranking needs the audio file the query is about")
+    with model_lock or contextlib.nullcontext():
+        if reranker is None and num_samples == 1:
+            return Generated(runner.answer([query])[0], query.text)
+        samples = sample_answers(runner, query, num_samples)
+    if reranker is None:
+        return Generated(samples[0], query.text, samples=samples)
+    return rank_samples(reranker, audio, samples, query.text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +340,7 @@ def load_reranker(checkpoint: str | os.PathLike, tokenizer=None, device: str = "
     ``weights_only=True``: its text tower, and its audio tower through :class:`ClipEmbedder`.
     ``tokenizer``: a tokenizer object, a directory, or None (``roberta-base`` from the local cache).
     ``windows``: the model's window layout (the read span of a clip, as preprocessing)."""
-    from megaflamingo.audio.encoders import EncoderError, _load_checkpoint
+    from megaflamingo.audio.encoders import EncoderError, load_checkpoint
 
     from .embed import ClipEmbedder
 
@@ -255,7 +348,7 @@ def load_reranker(checkpoint: str | os.PathLike, tokenizer=None, device: str = "
     if not path.is_file():
         raise RerankError(f"LAION-CLAP checkpoint {path} not found")
     try:
-        sd = _load_checkpoint(path)
+        sd = load_checkpoint(path)
     except EncoderError as e:
         raise RerankError(str(e)) from None
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) \

@@ -13,7 +13,6 @@ import collections
 import hashlib
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,19 +20,9 @@ import numpy as np
 
 from .chat import ChatSession
 from .prompts import TrainingForm, answer_suffix, multi_audio_prompt
-from .rerank import Candidate
+from .rerank import Generated, answer_query
 from .runner import GenerationSettings, Query, Runner
 from .uploads import DEFAULT_MAX_SECONDS, AudioInfo, UploadError, inspect_upload
-
-
-@dataclass
-class Generated:
-    """An answer; with re-ranking also its LAION-CLAP score and every distinct sample, best first."""
-
-    text: str
-    prompt: str
-    score: Optional[float] = None
-    candidates: list[Candidate] = field(default_factory=list)
 
 
 def _digest(path: str | os.PathLike) -> str:
@@ -44,35 +33,21 @@ def _digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def sample_answers(runner: Runner, query: Query, n: int) -> list[str]:
-    """``n`` samples for one query: the query repeated ``n`` times in one batch (rows draw
-    independent tokens from the one seeded generator, so a seed reproduces all ``n``)."""
-    if n < 1:
-        raise ValueError(f"num_samples must be >= 1, got {n}")
-    if not runner.settings.do_sample:
-        raise ValueError("several samples need sampling (do_sample=True); greedy/beam answers are all equal")
-    return runner.answer([query] * n)
-
-
 class InferenceService:
-    """``loaded``: :func:`megaflamingo.inference.load.load_model`'s result. ``index``: a
-    :class:`.retrieval.RetrievalIndex` for few-shot (optional); ``reranker``: a
-    :class:`.rerank.ClapReranker` (optional); ``clip_embedder``: the index's LAION-CLAP query
-    embedder when the index is keyed by clip embeddings."""
+    """``loaded``: :func:`megaflamingo.inference.load.load_model`'s result; ``embedder``: its
+    :class:`.embed.ModelEmbedder`. ``index``: a :func:`.fewshot.open_index` for few-shot
+    (optional); ``clip_embedder``: its :func:`.fewshot.clip_embedder_for` when the index is keyed by
+    LAION-CLAP clip embeddings; ``reranker``: a :class:`.rerank.ClapReranker` (optional)."""
 
     def __init__(self, loaded, embedder, index=None, clip_embedder=None, reranker=None,
                  max_seconds: float = DEFAULT_MAX_SECONDS, cache_size: int = 32):
-        from .fewshot import check_index
-
         self.loaded = loaded
         self.embedder = embedder
         self.windows_layout = dict(loaded.encoder.get("windows") or {})
-        if loaded.encoder.get("silence_embedding") is None:  # as the CLI: the rebuilt encoder's silence
-            loaded.encoder["silence_embedding"] = embedder.silence.tolist()
-        if index is not None:
-            check_index(loaded, index)
-            if index.use_clip and clip_embedder is None:
-                raise ValueError(f"{index.dir}: keyed by LAION-CLAP clip embeddings; give its clip embedder")
+        embedder.get()  # encoder errors surface at start-up, as in the CLI
+        embedder.fill_silence()
+        if index is not None and index.use_clip and clip_embedder is None:
+            raise ValueError(f"{index.dir}: keyed by LAION-CLAP clip embeddings; give its clip embedder")
         self.index, self.clip_embedder, self.reranker = index, clip_embedder, reranker
         self.max_seconds = float(max_seconds)
         self.form = TrainingForm.of(loaded.config)
@@ -89,32 +64,28 @@ class InferenceService:
                    clip_checkpoint: Optional[str] = None, rerank_clap: Optional[str] = None,
                    rerank_tokenizer: Optional[str] = None, max_seconds: float = DEFAULT_MAX_SECONDS
                    ) -> "InferenceService":
-        from .embed import AudioEmbedder, ClipEmbedder
+        from .embed import ModelEmbedder
+        from .fewshot import clip_embedder_for, open_index
         from .load import encoder_record_from_dataset, load_model
 
         rec = encoder_record_from_dataset(encoder_from) if encoder_from else None
         loaded = load_model(model, device=device, dtype=dtype, config=config, encoder_record=rec, cache_dir=cache_dir)
-        r = loaded.encoder
-        embedder = AudioEmbedder(r["encoder"], r.get("windows") or {}, device, encoder_checkpoint,
-                                 r.get("silence_embedding"))
+        embedder = ModelEmbedder(loaded, device, encoder_checkpoint)
         index = clip = None
         if icl_from:
-            from .retrieval import RetrievalIndex
-
-            index = RetrievalIndex(icl_from)
-            if index.use_clip:
-                clip = ClipEmbedder(index.meta["clip_encoder"], index.meta["windows"], device, clip_checkpoint)
+            index = open_index(loaded, icl_from)
+            clip = clip_embedder_for(index, device, clip_checkpoint)
         reranker = None
         if rerank_clap:
             from .rerank import load_reranker
 
-            reranker = load_reranker(rerank_clap, rerank_tokenizer, device, windows=r.get("windows") or {})
+            reranker = load_reranker(rerank_clap, rerank_tokenizer, device, windows=loaded.encoder.get("windows") or {})
         return cls(loaded, embedder, index, clip, reranker, max_seconds)
 
     # ------------------------------------------------------------------ audio
     @property
     def sample_rate(self) -> int:
-        return int(self.embedder.encoder.sample_rate)
+        return int(self.embedder.get().encoder.sample_rate)
 
     def inspect(self, path: Optional[str | os.PathLike]) -> AudioInfo:
         return inspect_upload(path, self.windows_layout, self.sample_rate, self.max_seconds)
@@ -160,34 +131,33 @@ class InferenceService:
         return Query(session.prompt_for(message), [w])
 
     def fewshot_query(self, path, prompt: str, k: int, task: Optional[str] = None, prefix: Optional[str] = None):
-        from .fewshot import fewshot_query, query_key
+        """-> :class:`.fewshot.FewShot`: ``k`` audios (k - 1 retrieved examples + the query) as
+        ``megaflamingo-infer --icl-from`` builds them; ``task`` sets the prefix as ``--task`` does."""
+        from .fewshot import check_shots, fewshot_query, neighbours_of
 
         if self.index is None:
             raise UploadError("few-shot needs a train split to retrieve from (start with --icl-from SPLIT_DIR)")
         if not (prompt or "").strip():
             raise UploadError("type an instruction first")
+        check_shots(self.loaded, int(k))
         w = self.windows(path)
         with self._model_lock:
-            key = query_key(self.index, w, self.clip_embedder, path)
-        return fewshot_query(self.loaded, self.index, w, prompt, int(k), key, query_path=path, prefix=prefix, task=task)
+            neigh = neighbours_of(self.index, str(path), w, int(k) - 1, clip_embedder=self.clip_embedder)
+        if prefix is None and task:
+            prefix = self.form.prefix(task)
+        return fewshot_query(self.loaded, self.index, neigh, w, prompt, prefix)
 
     # ------------------------------------------------------------------ generation
     def generate(self, query: Query, settings: GenerationSettings, audio_path=None, num_samples: int = 1,
                  rerank: bool = False) -> Generated:
-        """Greedy/beam/sampled answer; ``rerank``: ``num_samples`` samples ordered by LAION-CLAP
-        similarity with ``audio_path`` (the best is the answer)."""
+        """Greedy/beam/sampled answer (:func:`.rerank.answer_query`'s rules); ``rerank``:
+        ``num_samples`` samples ordered by LAION-CLAP similarity with ``audio_path`` (the best is the
+        answer). The model runs under the service's lock; scoring under the re-ranker's own."""
         runner = Runner(self.loaded, settings)
-        if not rerank:
-            with self._model_lock:
-                return Generated(runner.answer([query])[0], query.text)
-        if self.reranker is None:
+        if rerank and self.reranker is None:
             raise UploadError("re-ranking needs a LAION-CLAP checkpoint (start with --rerank-clap CKPT)")
-        if audio_path is None:
-            raise ValueError("re-ranking needs the audio file")
-        with self._model_lock:
-            samples = sample_answers(runner, query, num_samples)
-        cands = self.reranker.rank(audio_path, samples)
-        return Generated(cands[0].text, query.text, cands[0].score, cands)
+        return answer_query(runner, query, num_samples, self.reranker if rerank else None, audio_path,
+                            model_lock=self._model_lock)
 
     def answer(self, path, prompt: str, settings: Optional[GenerationSettings] = None, task: Optional[str] = None,
                prefix: Optional[str] = None, num_samples: int = 1, rerank: bool = False) -> Generated:

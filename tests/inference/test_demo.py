@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from megaflamingo import synthetic
+from megaflamingo.testing import sounds as synthetic
 from megaflamingo.inference.demo import (BEAM, GREEDY, RERANK, SAMPLE, chat_messages, decoding_settings,
                                          history_pairs)
 from megaflamingo.inference.uploads import UploadError, inspect_upload
@@ -126,7 +126,7 @@ def service(trained):
 
 
 def _cli_json(capsys, *argv):
-    from megaflamingo.inference.cli import main
+    from megaflamingo.cli.infer import main
 
     capsys.readouterr()
     rc = main(list(argv) + ["--json"])
@@ -168,7 +168,7 @@ def test_service_chat_and_fewshot_as_the_cli(trained, service, capsys, tmp_path)
     talk = tmp_path / "talk.json"
     talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
     out = tmp_path / "answers.json"
-    from megaflamingo.inference.cli import main
+    from megaflamingo.cli.infer import main
 
     assert main(["--model", str(trained["model"]), "--chat", "--dialogue", str(talk), "--out", str(out),
                  "--max-new-tokens", "6"]) == 0

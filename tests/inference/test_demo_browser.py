@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflamingo import synthetic
+from megaflamingo.testing import sounds as synthetic
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 
 def _cli(capsys, *argv):
-    from megaflamingo.inference.cli import main
+    from megaflamingo.cli.infer import main
 
     capsys.readouterr()
     rc = main(list(argv) + ["--json"])
@@ -64,8 +64,8 @@ def _cli(capsys, *argv):
 def server(trained, tmp_path_factory):
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    from .clap_kit import LaionTextBranch, roberta_config, tiny_roberta_tokenizer, torchvision_stub
-    from .clap_kit import write_laion_checkpoint
+    from megaflamingo.testing.clap import LaionTextBranch, roberta_config, tiny_roberta_tokenizer, torchvision_stub
+    from megaflamingo.testing.clap import write_laion_checkpoint
 
     work = tmp_path_factory.mktemp("demo")
     tok = tiny_roberta_tokenizer()
@@ -237,7 +237,7 @@ def test_page_reranks_samples(server, page):
 
 
 def test_page_chat_two_turns(server, page, tmp_path):
-    from megaflamingo.inference.cli import main
+    from megaflamingo.cli.infer import main
     from megaflamingo.inference.demo import chat_messages
 
     t = server["trained"]
@@ -360,7 +360,7 @@ def test_gradio_client_api(server, capsys, tmp_path):
     turns = ["what do you hear?", "is it loud?"]
     talk = tmp_path / "talk.json"
     talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
-    from megaflamingo.inference.cli import main
+    from megaflamingo.cli.infer import main
 
     assert main(["--model", str(t["model"]), "--chat", "--dialogue", str(talk), "--out", str(tmp_path / "a.json"),
                  "--max-new-tokens", "8"]) == 0

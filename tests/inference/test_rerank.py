@@ -1,6 +1,8 @@
 """AF1's LAION-CLAP re-ranking: the text tower loaded from a LAION-layout checkpoint equals LAION's own
 text path, the audio side is exactly preprocessing's clip embedding, and answers are ranked by the
 cosine of the two (random weights, built offline)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,30 +10,29 @@ import torch
 from megaflamingo.inference.rerank import (Candidate, ClapReranker, ClapTextTower, RerankError, checkpoint_is_fusion,
                                            cosine_scores, load_reranker, rank_candidates)
 
-from .clap_kit import LaionTextBranch, roberta_config, tiny_roberta_tokenizer, torchvision_stub, write_laion_checkpoint
+from megaflamingo.testing.clap import tiny_roberta_tokenizer, torchvision_stub, write_laion_checkpoint
 
 TEXTS = ["a low tone hums", "white noise hiss", "a dog barks in the rain", "", "a low tone hums loud"]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_roberta_tokenizer()
+def tok(laion_checkpoint):
+    return laion_checkpoint["tokenizer"]
 
 
 @pytest.fixture(scope="module")
-def text_ref(tok):
-    return LaionTextBranch(roberta_config(len(tok)), seed=3)
+def text_ref(laion_checkpoint):
+    return laion_checkpoint["text"]
 
 
 @pytest.fixture(scope="module")
-def laion(tmp_path_factory, tok, text_ref):
-    """A full LAION-layout checkpoint (random HTSAT-tiny audio + the reference text branch), the
+def laion(laion_checkpoint, tok):
+    """The full LAION-layout checkpoint (random HTSAT-tiny audio + the reference text branch), the
     re-ranker loaded from it, and the clip embedder the preprocessing path builds from it."""
     from megaflamingo.inference.embed import ClipEmbedder
 
-    path = tmp_path_factory.mktemp("clap") / "laion-random.pt"
+    path = laion_checkpoint["path"]
     with torchvision_stub():
-        write_laion_checkpoint(path, text_ref, fusion=False, seed=5)
         reranker = load_reranker(path, tok)
         # what `megaflamingo-preprocess embed --clip-encoder laion-clap --no-fusion` would build
         record = {"name": "laion-clap", "random_init": False, "config": {"fusion": False, "clip_seconds": 10.0}}
@@ -47,10 +48,10 @@ def _wav(trained, label="low tone"):
 
 
 def test_text_tower_equals_laion_text_path(tmp_path, tok, text_ref):
-    from megaflamingo.audio.encoders import _load_checkpoint
+    from megaflamingo.audio.encoders import load_checkpoint
 
     path = write_laion_checkpoint(tmp_path / "text.pt", text_ref, audio=False)
-    tower = ClapTextTower.from_state_dict(_load_checkpoint(path), tok)
+    tower = ClapTextTower.from_state_dict(load_checkpoint(path), tok)
     cfg = tower.model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.layer_norm_eps) == (2, 2, 128, 1e-5)
     got = tower.embed(TEXTS)
@@ -65,9 +66,9 @@ def test_text_tower_equals_laion_text_path(tmp_path, tok, text_ref):
 
 
 def test_text_tower_refuses_what_does_not_fit(tmp_path, tok, text_ref):
-    from megaflamingo.audio.encoders import _load_checkpoint
+    from megaflamingo.audio.encoders import load_checkpoint
 
-    sd = _load_checkpoint(write_laion_checkpoint(tmp_path / "t.pt", text_ref, audio=False))
+    sd = load_checkpoint(write_laion_checkpoint(tmp_path / "t.pt", text_ref, audio=False))
     no_text = {k: v for k, v in sd.items() if not k.startswith("text_")}
     with pytest.raises(RerankError, match="text tower"):
         ClapTextTower.from_state_dict(no_text, tok)
@@ -135,16 +136,15 @@ def _tower_of_dim(dim):
 
 def test_service_samples_and_reranks(trained, laion):
     """N seeded samples of the trained model, ordered by CLAP score; the best is the answer."""
-    from megaflamingo.inference.embed import AudioEmbedder
+    from megaflamingo.inference.embed import ModelEmbedder
     from megaflamingo.inference.load import load_model
+    from megaflamingo.inference.rerank import sample_answers
     from megaflamingo.inference.runner import GenerationSettings
-    from megaflamingo.inference.service import InferenceService, sample_answers
-    from megaflamingo import synthetic
+    from megaflamingo.inference.service import InferenceService
+    from megaflamingo.testing import sounds as synthetic
 
     loaded = load_model(trained["model"])
-    r = loaded.encoder
-    service = InferenceService(loaded, AudioEmbedder(r["encoder"], r["windows"], "cpu", None, r["silence_embedding"]),
-                               reranker=laion["reranker"])
+    service = InferenceService(loaded, ModelEmbedder(loaded), reranker=laion["reranker"])
     wav = _wav(trained)
     s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=11)
     g = service.answer(wav, synthetic.CLASSIFY_PROMPT, s, num_samples=8, rerank=True)
@@ -166,3 +166,106 @@ def service_runner(service, settings):
     from megaflamingo.inference.runner import Runner
 
     return Runner(service.loaded, settings)
+
+
+# ------------------------------------------------------------------------ megaflamingo-infer
+
+
+def test_sampling_settings_rules():
+    from megaflamingo.inference.rerank import sampling_settings
+
+    s, n = sampling_settings(None, rerank=True, max_new_tokens=8)
+    assert (n, s.do_sample, s.top_k, s.top_p, s.num_beams) == (10, True, 50, 0.95, 1)  # AF1's demo decoding
+    s, n = sampling_settings(4, rerank=True, top_k=0, top_p=0.5, temperature=0.7)
+    assert (n, s.top_k, s.top_p, s.temperature) == (4, 0, 0.5, 0.7)  # what the user chose wins
+    s, n = sampling_settings(None, max_new_tokens=8)
+    assert (n, s.do_sample, s.top_k, s.top_p) == (1, False, 0, 1.0)  # greedy, filters off
+    assert sampling_settings(3, do_sample=True)[1] == 3
+    with pytest.raises(ValueError, match="need sampling"):
+        sampling_settings(3)
+    with pytest.raises(ValueError, match="beam"):
+        sampling_settings(None, rerank=True, num_beams=3)
+    with pytest.raises(ValueError, match=">= 1"):
+        sampling_settings(0, rerank=True)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling_settings(None, rerank=True, top_p=1.5)
+
+
+def _infer(capsys, *argv):
+    from megaflamingo.cli.infer import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_reranks_samples(trained, laion_checkpoint, laion, torchvision_stub, capsys):
+    """`--num-samples 6 --rerank-clap CKPT --json`: every distinct sample with its LAION-CLAP score,
+    best first; the samples are AF1's top-k 50 / top-p 0.95 draws; the same seed, the same list."""
+    from megaflamingo.inference.load import load_model
+    from megaflamingo.inference.rerank import sample_answers
+    from megaflamingo.inference.runner import GenerationSettings, Runner
+    from megaflamingo.inference.service import InferenceService
+    from megaflamingo.inference.embed import ModelEmbedder
+    from megaflamingo.testing import sounds as synthetic
+
+    wav = _wav(trained)
+    argv = ["--model", trained["model"], "--audio", wav, "--prompt", synthetic.CLASSIFY_PROMPT, "--num-samples", 6,
+            "--temperature", 1.5, "--seed", 3, "--max-new-tokens", 6, "--rerank-clap", laion_checkpoint["path"],
+            "--rerank-tokenizer", laion_checkpoint["tokenizer_dir"], "--device", "cpu"]
+    rc, out, err = _infer(capsys, *argv, "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    cands = got["candidates"]
+    assert [c["score"] for c in cands] == sorted((c["score"] for c in cands), reverse=True)
+    assert sum(c["count"] for c in cands) == 6 and len(got["samples"]) == 6
+    assert got["answer"] == cands[0]["text"] and got["score"] == cands[0]["score"]
+    assert {c["text"] for c in cands} == set(got["samples"])
+    np.testing.assert_allclose([c["score"] for c in cands], laion["reranker"].scores(wav, [c["text"] for c in cands]),
+                               atol=1e-5)
+    # The samples are exactly the library's seeded draws with AF1's filters.
+    loaded = load_model(trained["model"])
+    service = InferenceService(loaded, ModelEmbedder(loaded))
+    s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=3)
+    assert sample_answers(Runner(loaded, s), service.foundation_query(wav, synthetic.CLASSIFY_PROMPT), 6) == got["samples"]
+    # Plain text: the answer, then one line per candidate; the same seed gives the same list.
+    rc, out, _ = _infer(capsys, *argv)
+    assert rc == 0
+    assert out.rstrip("\n").split("\n") == [got["answer"]] + [f"{c['score']:+.4f}  {c['count']}x  {c['text']}"
+                                                                for c in cands]
+
+
+def test_cli_samples_and_fewshot_reranks(trained, laion_checkpoint, torchvision_stub, capsys):
+    from megaflamingo.testing import sounds as synthetic
+
+    wav, ds = _wav(trained, "white noise"), f"{synthetic.DATASET}-{synthetic.TASK}"
+    base = ["--model", trained["model"], "--audio", wav, "--prompt", synthetic.CLASSIFY_PROMPT, "--max-new-tokens", 6,
+            "--seed", 1, "--json"]
+    rc, out, err = _infer(capsys, *base, "--sample", "--num-samples", 4, "--temperature", 1.5)
+    got = json.loads(out)
+    assert rc == 0 and len(got["samples"]) == 4 and got["answer"] == got["samples"][0] and "candidates" not in got
+    rc, out, err = _infer(capsys, *base, "--icl-from", trained["arrow"] / ds / "train", "--k", 3, "--num-samples", 5,
+                          "--rerank-clap", laion_checkpoint["path"], "--rerank-tokenizer",
+                          laion_checkpoint["tokenizer_dir"])
+    assert rc == 0, err
+    got = json.loads(out)
+    assert len(got["examples"]) == 2 and sum(c["count"] for c in got["candidates"]) == 5
+    assert got["answer"] == got["candidates"][0]["text"]
+
+
+def test_cli_refuses_bad_sampling_requests(trained, laion_checkpoint, tmp_path, capsys):
+    wav = _wav(trained)
+    base = ["--model", trained["model"], "--audio", wav, "--prompt", "what is it?"]
+    cases = [
+        (["--num-samples", 3], "need sampling"),
+        (["--rerank-clap", tmp_path / "missing.pt"], "missing.pt not found"),
+        (["--rerank-clap", laion_checkpoint["path"], "--num-beams", 3], "beam"),
+        (["--rerank-clap", laion_checkpoint["path"], "--audio", wav], "exactly one --audio"),
+        (["--rerank-clap", laion_checkpoint["path"], "--chat"], "--audio/--prompt"),
+        (["--sample", "--num-samples", 0], ">= 1"),
+        (["--rerank-clap", laion_checkpoint["path"], "--rerank-tokenizer", tmp_path], "tokenizer"),
+    ]
+    for extra, message in cases:
+        rc, out, err = _infer(capsys, *base, *extra)
+        assert rc == 2 and message in err and "Traceback" not in err, (extra, err)

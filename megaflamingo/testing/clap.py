@@ -1,6 +1,7 @@
-"""Offline stand-ins for LAION-CLAP's text side: a RoBERTa-style tokenizer trained at run time, a
-tiny RoBERTa text branch, and LAION-layout checkpoints (``state_dict`` with ``module.`` keys) with
-random weights, so re-ranking is tested without the hub.
+"""Offline stand-ins for LAION-CLAP: a RoBERTa-style tokenizer trained at run time, a tiny RoBERTa
+text branch, and LAION-layout checkpoints (``state_dict`` with ``module.`` keys) with random weights,
+so re-ranking is tested without the hub; and the one torchvision name LAION's HTSAT imports, for
+machines where torchvision cannot be imported.
 
 The text branch is built with transformers' ``RobertaModel`` + LAION's ``Sequential(Linear, ReLU,
 Linear)`` projection (the layout LAION-CLAP's own code has), not with the class the library loads
