@@ -410,7 +410,7 @@ def build_app(service, opts: DemoOptions):
 
         def settings_of(mode_v, max_new_v, beams_v, temp_v, top_k_v, top_p_v, seed_v, n_v):
             s, rr = decoding_settings(mode_v, max_new_v, beams_v, temp_v, top_k_v, top_p_v, seed_v)
-            return s, rr, int(n_v)
+            return s, rr, int(n_v) if rr else 1  # the samples control belongs to re-ranking
 
         @guard(ask_status)
         def on_ask(path, task_v, instruction_v, *dec):

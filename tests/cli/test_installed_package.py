@@ -58,7 +58,7 @@ def test_console_scripts_of_a_plain_install_find_their_configs(installed, tmp_pa
     where = _run([str(venv / "bin" / "python"), "-c", "import megaflamingo; print(megaflamingo.__file__)"],
                  cwd=tmp_path).stdout
     assert str(site) in where
-    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer"):
+    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer", "megaflamingo-demo"):
         assert "usage" in _run([str(venv / "bin" / script), "--help"], cwd=tmp_path).stdout.lower()
     write_tiny_dataset(tmp_path / "data")
     env = dict(os.environ, MF_DATA_ROOT=str(tmp_path / "data"), MF_RUN_DIR=str(tmp_path / "run"),

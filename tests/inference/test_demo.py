@@ -222,3 +222,25 @@ def test_trained_presets_read_the_training_splits(trained, service):
     assert trained_presets(here) == [(f"{DS} (trained)", DS, prompt)] and first.startswith(DS)
     gone = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_root=str(trained["root"] / "moved")))
     assert trained_presets(gone) == []
+
+
+def test_docs_list_every_demo_option_and_show_the_page():
+    """docs/inference.md documents every option of megaflamingo-demo (and the re-ranking flags of
+    megaflamingo-infer), and the screenshots it shows exist."""
+    import re
+    from pathlib import Path
+
+    from megaflamingo.cli.demo import build_parser as demo_parser
+    from megaflamingo.cli.infer import build_parser as infer_parser
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "inference.md").read_text(encoding="utf-8")
+    table = text[text.index("## Web demo"):]
+    demo_opts = {o for a in demo_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert demo_opts and not {o for o in demo_opts if f"`{o}" not in table}
+    infer_opts = {o for a in infer_parser()._actions for o in a.option_strings}
+    for flag in ("--num-samples", "--rerank-clap", "--rerank-tokenizer"):
+        assert flag in infer_opts and flag in text
+    for md in ("inference.md", "demo.md"):
+        images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (docs / md).read_text(encoding="utf-8"))
+        assert images and all((docs / i).is_file() for i in images), (md, images)
