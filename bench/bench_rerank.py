@@ -6,40 +6,22 @@ layers, d 768, vocab 50265, projection 768 -> 512 -> 512) on N texts of 77 token
 front end preprocessing uses. Reported: median seconds per text batch and per clip, per thread count.
 (Sampling the N answers themselves is the LM's cost: one batch of N rows, see bench_model.py.)
 
-LAION's HTSAT imports torchvision.ops; where torchvision cannot be imported, pass --stub-torchvision
-(provides the one name it imports, FrozenBatchNorm2d, which inference never uses).
+LAION's HTSAT imports torchvision.ops; where torchvision cannot be imported, the one name it imports
+(FrozenBatchNorm2d, which inference never uses) is stubbed.
 
-    python bench/bench_rerank.py --samples 10 --threads 1 2 [--stub-torchvision]
+    python bench/bench_rerank.py --samples 10 --threads 1 2
 """
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import json
 import statistics
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _stub_torchvision() -> None:
-    import transformers  # noqa: F401  (it probes torchvision at import; do that first)
-
-    def stub(name, **attrs):
-        m = types.ModuleType(name)
-        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        m.__dict__.update(attrs)
-        return m
-
-    misc = stub("torchvision.ops.misc", FrozenBatchNorm2d=type("FrozenBatchNorm2d", (torch.nn.Module,), {}))
-    ops = stub("torchvision.ops", misc=misc)
-    sys.modules.update({"torchvision": stub("torchvision", ops=ops), "torchvision.ops": ops,
-                        "torchvision.ops.misc": misc})
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -59,10 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=77, help="tokens per text (77 = LAION's cap; answers are shorter)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--stub-torchvision", action="store_true")
     a = p.parse_args(argv)
-    if a.stub_torchvision:
-        _stub_torchvision()
+    from megaflamingo.testing.clap import install_torchvision_stub
+
+    install_torchvision_stub()  # only where torchvision cannot be imported
 
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 

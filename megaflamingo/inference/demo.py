@@ -175,6 +175,24 @@ def trained_presets(config) -> list[tuple[str, str, str]]:
     return out
 
 
+def catching(reply, what: str, internal: str):
+    """Decorator for request handlers: a user mistake (bad upload, refused setting) becomes
+    ``reply(sentence)``; anything else is logged with its traceback as ``what`` and the user gets
+    ``reply(internal)``, never the traceback."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            try:
+                return fn(*args)
+            except (UploadError, RerankError, ValueError) as e:
+                return reply(str(e))
+            except Exception:
+                log.exception(what)
+                return reply(internal)
+        return run
+    return wrap
+
+
 def _md_escape(s: str) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|" else c for c in str(s))
 
@@ -266,30 +284,14 @@ def build_app(service, opts: DemoOptions):
 
     def guard(status):
         """User mistakes become a sentence in ``status``; anything else is logged, never shown."""
-        def wrap(fn):
-            @functools.wraps(fn)
-            def run(*args):
-                try:
-                    return fn(*args)
-                except (UploadError, RerankError, ValueError) as e:
-                    return {status: error_md(str(e))}
-                except Exception:
-                    log.exception("request failed")
-                    return {status: error_md("internal error while answering (details are in the server log)")}
-            return run
-        return wrap
+        return catching(lambda message: {status: error_md(message)}, "request failed",
+                        "internal error while answering (details are in the server log)")
 
-    def api_guard(fn):
-        @functools.wraps(fn)
-        def run(*args):
-            try:
-                return fn(*args)
-            except (UploadError, RerankError, ValueError) as e:
-                raise gr.Error(str(e), print_exception=False) from None
-            except Exception:
-                log.exception("API request failed")
-                raise gr.Error("internal error (details are in the server log)", print_exception=False) from None
-        return run
+    def api_error(message):
+        raise gr.Error(message, print_exception=False) from None
+
+    # The API's caller gets the sentence as the client's error.
+    api_guard = catching(api_error, "API request failed", "internal error (details are in the server log)")
 
     theme = gr.themes.Soft(font=THEME_FONTS[0], font_mono=THEME_FONTS[1])
     with gr.Blocks(title="megaflamingo demo", analytics_enabled=False) as app:

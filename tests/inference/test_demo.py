@@ -12,6 +12,8 @@ from megaflamingo.inference.demo import (BEAM, GREEDY, RERANK, SAMPLE, chat_mess
 from megaflamingo.inference.uploads import UploadError, inspect_upload
 from megaflamingo.testing import write_audio
 
+from .helpers import infer_dialogue, infer_json
+
 DS = f"{synthetic.DATASET}-{synthetic.TASK}"
 
 
@@ -125,30 +127,20 @@ def service(trained):
     return InferenceService.from_paths(str(trained["model"]), icl_from=str(trained["arrow"] / DS / "train"))
 
 
-def _cli_json(capsys, *argv):
-    from megaflamingo.cli.infer import main
-
-    capsys.readouterr()
-    rc = main(list(argv) + ["--json"])
-    out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert rc == 0, out
-    return json.loads(out)
-
-
 def test_service_answers_as_the_cli(trained, service, capsys, tmp_path):
     from megaflamingo.inference.runner import GenerationSettings
 
     rows = _rows(trained)
     for r in rows[:4]:
         wav = trained["data"] / r["name"]
-        cli = _cli_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", r["prompt"],
+        cli = infer_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", r["prompt"],
                         "--max-new-tokens", "8")
         got = service.answer(wav, r["prompt"], GenerationSettings(max_new_tokens=8))
         assert got.text == cli["answer"], r["name"]
         assert got.prompt.endswith("\nAnswer:<SEP>") and got.score is None
     # Beam search and a task prefix go through the same path as the CLI's flags.
     wav = trained["data"] / rows[0]["name"]
-    cli = _cli_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", "describe it.",
+    cli = infer_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", "describe it.",
                     "--task", "AudioSet-EventClassification", "--num-beams", "3", "--max-new-tokens", "6")
     got = service.answer(wav, "describe it.", GenerationSettings(max_new_tokens=6, num_beams=3),
                          task="AudioSet-EventClassification")
@@ -165,21 +157,14 @@ def test_service_chat_and_fewshot_as_the_cli(trained, service, capsys, tmp_path)
     row = next(r for r in _rows(trained) if r["label"] == "click train")
     wav = trained["data"] / row["name"]
     turns = ["what do you hear?", "is it loud?"]
-    talk = tmp_path / "talk.json"
-    talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
-    out = tmp_path / "answers.json"
-    from megaflamingo.cli.infer import main
-
-    assert main(["--model", str(trained["model"]), "--chat", "--dialogue", str(talk), "--out", str(out),
-                 "--max-new-tokens", "6"]) == 0
-    want = [r["prediction"] for r in json.loads(out.read_text())["dialogue"]]
+    want = infer_dialogue(trained["model"], wav, turns, tmp_path, max_new_tokens=6)
     s = GenerationSettings(max_new_tokens=6)
     first = service.chat(wav, turns[0], [], s)
     second = service.chat(wav, turns[1], [(turns[0], first.text)], s)
     assert [first.text, second.text] == want
     assert second.prompt.count("user:") == 2 and "The task is dialog. <audio>" in second.prompt
 
-    cli = _cli_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", row["prompt"],
+    cli = infer_json(capsys, "--model", str(trained["model"]), "--audio", str(wav), "--prompt", row["prompt"],
                     "--icl-from", str(trained["arrow"] / DS / "train"), "--k", "4", "--max-new-tokens", "8")
     g, fs = service.fewshot(wav, row["prompt"], 4, GenerationSettings(max_new_tokens=8))
     assert g.text == cli["answer"]
@@ -244,3 +229,21 @@ def test_docs_list_every_demo_option_and_show_the_page():
     for md in ("inference.md", "demo.md"):
         images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (docs / md).read_text(encoding="utf-8"))
         assert images and all((docs / i).is_file() for i in images), (md, images)
+
+
+def test_handlers_turn_errors_into_sentences(caplog):
+    """A refused request shows its sentence; a bug shows a fixed line and its traceback goes to the log."""
+    from megaflamingo.inference.demo import catching
+
+    handler = catching(lambda message: ("shown", message), "request failed", "internal error")
+
+    def refuse():
+        raise UploadError("the clip is silent")
+
+    def bug():
+        raise KeyError("secret-detail")
+
+    assert handler(lambda x: x + 1)(1) == 2
+    assert handler(refuse)() == ("shown", "the clip is silent")
+    assert handler(bug)() == ("shown", "internal error")
+    assert "secret-detail" in caplog.text and "Traceback" in caplog.text

@@ -24,6 +24,7 @@ import pytest
 from megaflamingo.testing import sounds as synthetic
 
 from .demo_server import serving
+from .helpers import infer_dialogue, infer_json
 
 try:
     import gradio  # noqa: F401  (the server's; checked here so a missing extra fails at collection)
@@ -46,16 +47,6 @@ TIMEOUT_MS = 120_000
 
 def _rows(t):
     return [json.loads(l) for l in t["ds"].manifests["test"].read_text().splitlines()]
-
-
-def _cli(capsys, *argv):
-    from megaflamingo.cli.infer import main
-
-    capsys.readouterr()
-    rc = main(list(argv) + ["--json"])
-    out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert rc == 0, out
-    return json.loads(out)
 
 
 def chromium_path() -> str:
@@ -166,7 +157,7 @@ def test_page_answer_equals_cli(server, page, capsys):
     t = server["trained"]
     row = next(r for r in _rows(t) if r["label"] == "rising chirp" and r["duration"] > 7)
     wav = t["data"] / row["name"]
-    want = _cli(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", synthetic.CLASSIFY_PROMPT,
+    want = infer_json(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", synthetic.CLASSIFY_PROMPT,
                 "--max-new-tokens", "8")["answer"]
     _upload(page, wav)
     assert re.search(r"-> [23] windows", page.locator("#audio-info").inner_text())
@@ -213,17 +204,12 @@ def test_page_reranks_samples(server, page):
 
 
 def test_page_chat_two_turns(server, page, tmp_path):
-    from megaflamingo.cli.infer import main
     from megaflamingo.inference.demo import chat_messages
 
     t = server["trained"]
     wav = t["data"] / next(r for r in _rows(t) if r["label"] == "click train")["name"]
     turns = ["what do you hear?", "is it loud?"]
-    talk = tmp_path / "talk.json"
-    talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
-    assert main(["--model", str(t["model"]), "--chat", "--dialogue", str(talk), "--out", str(tmp_path / "a.json"),
-                 "--max-new-tokens", "8"]) == 0
-    want = [r["prediction"] for r in json.loads((tmp_path / "a.json").read_text())["dialogue"]]
+    want = infer_dialogue(t["model"], wav, turns, tmp_path)
     shown = [m["content"] for m in chat_messages(list(zip(turns, want)))]
 
     _upload(page, wav)
@@ -247,7 +233,7 @@ def test_page_fewshot_shows_neighbours(server, page, capsys):
     t = server["trained"]
     row = next(r for r in _rows(t) if r["label"] == "low tone")
     wav = t["data"] / row["name"]
-    cli = _cli(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", row["prompt"],
+    cli = infer_json(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", row["prompt"],
                "--icl-from", str(t["arrow"] / DS / "train"), "--k", "4", "--max-new-tokens", "8")
     _upload(page, wav)
     _decoding(page, "greedy")
@@ -297,7 +283,7 @@ def test_microphone_recording(server, page, capsys):
     page.locator("#ask-button").click()
     _answered(page, "#ask-status")
     task = page.locator("#task textarea").input_value()
-    want = _cli(capsys, "--model", str(server["trained"]["model"]), "--audio", str(recorded), "--prompt",
+    want = infer_json(capsys, "--model", str(server["trained"]["model"]), "--audio", str(recorded), "--prompt",
                 "what do you hear?", "--task", task, "--max-new-tokens", "8")["answer"]
     assert _value(page, "#answer") == want
     _shot(page, server, "microphone")
@@ -329,18 +315,12 @@ def test_gradio_client_api(server, capsys, tmp_path):
     wav = t["data"] / row["name"]
     client = Client(server["url"], verbose=False)
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/answer", "/chat"}
-    want = _cli(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", synthetic.CLASSIFY_PROMPT,
+    want = infer_json(capsys, "--model", str(t["model"]), "--audio", str(wav), "--prompt", synthetic.CLASSIFY_PROMPT,
                 "--max-new-tokens", "8")["answer"]
     assert client.predict(handle_file(str(wav)), synthetic.CLASSIFY_PROMPT, api_name="/answer") == want
     # Chat: greedy, history as [user, assistant] pairs or as chat messages.
     turns = ["what do you hear?", "is it loud?"]
-    talk = tmp_path / "talk.json"
-    talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
-    from megaflamingo.cli.infer import main
-
-    assert main(["--model", str(t["model"]), "--chat", "--dialogue", str(talk), "--out", str(tmp_path / "a.json"),
-                 "--max-new-tokens", "8"]) == 0
-    want = [r["prediction"] for r in json.loads((tmp_path / "a.json").read_text())["dialogue"]]
+    want = infer_dialogue(t["model"], wav, turns, tmp_path)
     first = client.predict(handle_file(str(wav)), turns[0], [], api_name="/chat")
     assert first == want[0]
     assert client.predict(handle_file(str(wav)), turns[1], [[turns[0], first]], api_name="/chat") == want[1]

@@ -53,15 +53,13 @@ def _demo_command_serves_the_model(s, tmp_path, capsys):
     clip as megaflamingo-infer does."""
     from gradio_client import Client, handle_file
 
-    from megaflamingo.cli.infer import main as infer
-
     from .demo_server import serving
+    from .helpers import infer_json
 
     cmd = shlex.split(s["demo_command"])
     assert cmd[cmd.index("--model") + 1] == s["export_dir"]
     wav = next(Path(s["data_dir"]).glob("audio/test/*.wav"))
-    assert infer(["--model", s["export_dir"], "--audio", str(wav), "--prompt", "classify this sound.", "--json"]) == 0
-    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer"]
+    want = infer_json(capsys, "--model", s["export_dir"], "--audio", wav, "--prompt", "classify this sound.")["answer"]
     work = tmp_path / "demo"
     work.mkdir()
     with serving(cmd, work, cwd=tmp_path) as url:
