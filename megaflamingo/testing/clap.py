@@ -87,6 +87,7 @@ class LaionTextBranch(nn.Module):
         return torch.nn.functional.normalize(self.text_projection(pooled), dim=-1)
 
 
+@functools.lru_cache(maxsize=1)
 def _torchvision_importable() -> bool:
     try:
         import torchvision.ops.misc  # noqa: F401

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(1200)  # the whole pipeline, then the demo it prints (the suite's 600 s is per test)
 def test_quickstart_learns(tmp_path, monkeypatch, capsys):
     from megaflamingo.quickstart import main
 

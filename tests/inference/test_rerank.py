@@ -200,6 +200,7 @@ def _infer(capsys, *argv):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_reranks_samples(trained, laion_checkpoint, laion, torchvision_stub, capsys):
     """`--num-samples 6 --rerank-clap CKPT --json`: every distinct sample with its LAION-CLAP score,
     best first; the samples are AF1's top-k 50 / top-p 0.95 draws; the same seed, the same list."""
@@ -236,6 +237,7 @@ def test_cli_reranks_samples(trained, laion_checkpoint, laion, torchvision_stub,
                                                                 for c in cands]
 
 
+@pytest.mark.slow
 def test_cli_samples_and_fewshot_reranks(trained, laion_checkpoint, torchvision_stub, capsys):
     from megaflamingo.testing import sounds as synthetic
 
