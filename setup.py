@@ -61,12 +61,16 @@ setup(
         # classification / multi-label metrics.
         "eval": ["pycocoevalcap>=1.2", "scikit-learn>=1.3"],
         "mpi": ["mpi4py>=3.1"],
+        # The web demo (megaflamingo-demo). Gradio 6's page and API; its Python client for scripts.
+        "demo": ["gradio>=6.0,<7", "gradio_client>=2.0,<3"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "librosa>=0.10",  # tests/bench compare our front end with AF1's librosa loader
             "mpi4py>=3.1",
+            # Drives the demo's page in Debian's chromium (never a browser download: see bootstrap.sh).
+            "playwright>=1.50",
         ],
     },
     entry_points={
@@ -76,6 +80,7 @@ setup(
             "megaflamingo-convert=megaflamingo.cli.convert:main",
             "megaflamingo-infer=megaflamingo.cli.infer:main",
             "megaflamingo-eval=megaflamingo.cli.eval:main",
+            "megaflamingo-demo=megaflamingo.cli.demo:main",
         ]
     },
 )

@@ -14,7 +14,8 @@
    computing their embeddings from the audio files in-process, and score the answers
 6. score both test sets with `megaflamingo-eval` (2 processes; the benchmarks are <out>/benchmarks.yaml,
    a user registry), into <out>/eval/results.{json,md}
-7. print where everything is and write <out>/summary.json
+7. print where everything is, write <out>/summary.json, and end with the command that opens the web
+   demo (`megaflamingo-demo`) on the trained model, with few-shot retrieval from its train split
 
 Every step is the real console script run as a subprocess (exactly what a user would type; the
 commands are echoed and logged under <out>/logs/). A step whose outputs exist is skipped on a rerun
@@ -83,6 +84,16 @@ class Options:
 
 def _py_module(mod: str) -> list[str]:
     return [sys.executable, "-m", mod]
+
+
+def console_script(name: str) -> str:
+    """How to type this environment's console script ``name``: the bare name when the shell finds
+    this very script, else its path (a virtualenv that is not activated)."""
+    mine = Path(sys.executable).parent / name
+    if not mine.is_file() or shutil.which(name) == str(mine):
+        return name
+    rel = os.path.relpath(mine)
+    return rel if not rel.startswith("..") else str(mine)
 
 
 class Pipeline:
@@ -226,6 +237,13 @@ class Pipeline:
             "-m", "megaflamingo.cli.train", "--config", cfg]
         self.sh("train", cmd)
 
+    def demo_command(self) -> str:
+        """The web demo on the exported model, few-shot examples retrieved (and playable) from the
+        train split; the model's config names the data, so its task is the first preset."""
+        cmd = [console_script("megaflamingo-demo"), "--model", self.export, "--icl-from", self.split_dir("train"),
+               "--icl-audio-root", self.data]
+        return " ".join(shlex.quote(str(c)) for c in cmd)
+
     def tensorboard_dir(self) -> Path:
         return self.run_dir / "tensorboard"
 
@@ -293,6 +311,7 @@ class Pipeline:
             "eval_dir": str(self.eval_dir),
             "data_dir": str(self.data),
             "arrow_dir": str(self.arrow),
+            "demo_command": self.demo_command(),
             "timings_s": self.timings,
             "total_s": round(time.time() - t_start, 1),
             "options": asdict(self.o),
@@ -317,10 +336,12 @@ class Pipeline:
         print(f"predictions      : {s['predictions']}")
         print(f"benchmark results: {Path(s['eval_dir']) / 'results.md'}")
         print(f"summary          : {Path(self.out) / 'summary.json'}")
-        print(f"try it           : megaflamingo-infer --model {shlex.quote(s['export_dir'])} "
+        print(f"try it           : {console_script('megaflamingo-infer')} --model {shlex.quote(s['export_dir'])} "
               f"--audio {shlex.quote(str(Path(s['data_dir']) / 'audio/test/rising_chirp_000.wav'))} "
               f"--prompt 'classify this sound.'")
         print("=" * 72)
+        print("open the web demo on this model (then the URL it prints, in a browser):")
+        print(f"  {s['demo_command']}")
 
 
 def main(argv=None) -> int:

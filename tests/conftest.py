@@ -1,8 +1,5 @@
 """Suite-wide fixtures: every test runs with the hub guard on and a private HOME-like cache."""
-import importlib.machinery
 import os
-import sys
-import types
 
 import pytest
 
@@ -35,24 +32,11 @@ def _quiet_threads(monkeypatch):
 
 
 @pytest.fixture
-def torchvision_stub(monkeypatch):
+def torchvision_stub():
     """LAION-CLAP's htsat imports `torchvision.ops.misc.FrozenBatchNorm2d` (only for freezing,
     never for inference); torchvision cannot be imported on these CPU machines (only CUDA builds exist here),
     so tests (preprocessing and inference) provide that one name."""
-    import torch
-    import transformers  # noqa: F401  (it probes torchvision at import; do that before stubbing)
+    from megaflamingo.testing.clap import torchvision_stub
 
-    def stub(name, **attrs):
-        m = types.ModuleType(name)
-        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        m.__dict__.update(attrs)
-        return m
-
-    misc = stub("torchvision.ops.misc", FrozenBatchNorm2d=type("FrozenBatchNorm2d", (torch.nn.Module,), {}))
-    ops = stub("torchvision.ops", misc=misc)
-    for name, mod in (("torchvision", stub("torchvision", ops=ops)), ("torchvision.ops", ops),
-                      ("torchvision.ops.misc", misc)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    yield
-    for alias in [k for k in sys.modules if k.startswith("_megaflamingo_isolated_laion_clap")]:
-        sys.modules.pop(alias, None)  # the isolated modules hold the stub; do not leak them
+    with torchvision_stub():
+        yield

@@ -217,7 +217,7 @@ def _import_submodule(package: str, subpackage: str, module: str) -> types.Modul
                                f"isolated import also failed: {e}") from e
 
 
-def _load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"checkpoint {path} does not exist")
@@ -287,7 +287,7 @@ def build_clapcap(checkpoint: str | None = None, random_init: bool = False, devi
     enc = clap_mod.AudioEncoder(**CLAPCAP_CONFIG)
     sha = None
     if checkpoint is not None:
-        sd = _load_checkpoint(checkpoint)
+        sd = load_checkpoint(checkpoint)
         # clapcap_weights_2023.pth: ClapCaption.clap = CLAP.audio_encoder -> "clap.*";
         # plain CLAP 2023 weights: "audio_encoder.*".
         _load_strict(enc, _take_prefixed(sd, ("clap.", "audio_encoder."), "audio encoder", checkpoint),
@@ -370,7 +370,7 @@ def build_laion_clap(checkpoint: str | None = None, random_init: bool = False, f
     module = LaionAudioModule(branch, fusion)
     sha = None
     if checkpoint is not None:
-        sd = _load_checkpoint(checkpoint)
+        sd = load_checkpoint(checkpoint)
         wanted = {k: v for k, v in sd.items() if k.startswith(("audio_branch.", "audio_projection."))}
         if not wanted:
             raise EncoderError(f"{checkpoint}: no audio_branch/audio_projection weights")

@@ -2,8 +2,9 @@
 
 ``megaflamingo-preprocess`` (:mod:`.preprocess`), ``megaflamingo-train`` (:mod:`.train`),
 ``megaflamingo-convert`` (:mod:`.convert`), ``megaflamingo-infer`` (:mod:`.infer`),
-``megaflamingo-eval`` (:mod:`.eval`); each also runs as ``python -m megaflamingo.cli.<name>``
-(torchrun / deepspeed launch ``-m megaflamingo.cli.train``; torchrun ``-m megaflamingo.cli.eval``).
+``megaflamingo-eval`` (:mod:`.eval`), ``megaflamingo-demo`` (:mod:`.demo`, needs the ``demo`` extra); each
+also runs as ``python -m megaflamingo.cli.<name>`` (torchrun / deepspeed launch ``-m megaflamingo.cli.train``;
+torchrun ``-m megaflamingo.cli.eval``).
 """
 import contextlib
 import logging

@@ -6,10 +6,15 @@
     megaflamingo-infer --model DIR --audio a.wav --prompt "..." --icl-from DATA/<ds>-<task>/train --k 8
     megaflamingo-infer --model DIR --manifest test.jsonl --data-root DATA --out predictions.jsonl
     megaflamingo-infer --model DIR --audio a.wav --prompt "..." --task AudioSet-EventClassification
+    megaflamingo-infer --model DIR --audio a.wav --prompt "..." --rerank-clap 630k-audioset-fusion-best.pt --json
 
 Prompts take the form training gave their task (prefix "The task is event classification. " where
 training showed it): from --task, the --icl-from split's task, or each batch item's task; --prefix
 TEXT replaces the prefix.
+
+--rerank-clap CKPT is AF1's demo decoding: sample --num-samples answers (default 10; top-k 50,
+top-p 0.95 unless given) and rank them by LAION-CLAP text-audio similarity with the clip; the best
+is the answer, --json lists every distinct sample with its score and count.
 
 --model takes a model directory (convert export / zero-to-fp32 / split output), a DeepSpeed
 run or checkpoint directory, or an AF1 checkpoint (.pt or its parts; with --config).
@@ -73,10 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k likeliest tokens (default 0: all; 50 with --rerank-clap)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default 1.0: off; 0.95 with --rerank-clap)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: nondeterministic)")
+    g.add_argument("--num-samples", type=int, default=None, metavar="N",
+                   help="sample N answers per query (needs --sample or --rerank-clap; default 1, 10 with "
+                   "--rerank-clap): the first is the answer, --json lists all")
+    g.add_argument("--rerank-clap", metavar="CKPT", help="LAION-CLAP checkpoint (.pt): rank the N samples by "
+                   "text-audio similarity, the best is the answer (implies sampling)")
+    g.add_argument("--rerank-tokenizer", metavar="DIR", help="RoBERTa tokenizer files for --rerank-clap "
+                   "(default: roberta-base from the local Hugging Face cache; never downloaded)")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON document on stdout (logs go to stderr)")
     return p
@@ -109,15 +123,18 @@ def _check_modes(a) -> None:
 def run(a) -> int:
     from megaflamingo.inference.embed import ModelEmbedder
     from megaflamingo.inference.load import encoder_record_from_dataset, load_model
-    from megaflamingo.inference.runner import GenerationSettings, Runner
+    from megaflamingo.inference.rerank import sampling_settings
+    from megaflamingo.inference.runner import Runner
 
     _check_modes(a)
+    settings, n_samples = sampling_settings(a.num_samples, bool(a.rerank_clap), a.top_k, a.top_p,
+                                            max_new_tokens=a.max_new_tokens, do_sample=a.sample,
+                                            temperature=a.temperature, num_beams=a.num_beams, seed=a.seed)
+    _check_sampling(a, n_samples)
     device = _device(a.device)
     rec = encoder_record_from_dataset(a.encoder_from) if a.encoder_from else None
     loaded = load_model(a.model, device=device, dtype=a.dtype, config=a.config, encoder_record=rec,
                         cache_dir=a.cache_dir)
-    settings = GenerationSettings(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
-                                  top_k=a.top_k, top_p=a.top_p, num_beams=a.num_beams, seed=a.seed)
     embedder = ModelEmbedder(loaded, device, a.encoder_checkpoint)
     if a.manifest:
         return _batch(a, loaded, settings, embedder)
@@ -126,18 +143,37 @@ def run(a) -> int:
     runner = Runner(loaded, settings)
     if a.chat:
         return _chat(a, loaded, runner, embedder)
+    reranker = _reranker(a, loaded, device)
     windows = [embedder.embed(x) for x in a.audio]
     if a.icl_from:
-        return _icl(a, loaded, runner, windows, device)
+        return _icl(a, loaded, runner, windows, device, n_samples, reranker)
     from megaflamingo.inference.prompts import TrainingForm, answer_suffix, multi_audio_prompt
+    from megaflamingo.inference.rerank import answer_query
     from megaflamingo.inference.runner import Query
 
     form = TrainingForm.of(loaded.config)
     prefix = a.prefix if a.prefix is not None else form.prefix(a.task)
     text = multi_audio_prompt(loaded.tokenizer, a.prompt, len(windows), prefix, answer_suffix(loaded.config))
-    answer = runner.answer([Query(text, windows)])[0]
-    _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer}, answer)
+    g = answer_query(runner, Query(text, windows), n_samples, reranker, a.audio[0])
+    _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": g.text, **g.fields()}, g.lines())
     return 0
+
+
+def _check_sampling(a, n_samples: int) -> None:
+    if (n_samples > 1 or a.rerank_clap) and (a.chat or a.manifest):
+        raise ValueError("--num-samples > 1 and --rerank-clap work with --audio/--prompt (and --icl-from) only")
+    if a.rerank_clap and len(a.audio) != 1:
+        raise ValueError("--rerank-clap scores answers against one clip: give exactly one --audio")
+    if a.rerank_clap and not Path(a.rerank_clap).is_file():  # before minutes of model loading
+        raise FileNotFoundError(f"--rerank-clap: LAION-CLAP checkpoint {a.rerank_clap} not found")
+
+
+def _reranker(a, loaded, device):
+    if not a.rerank_clap:
+        return None
+    from megaflamingo.inference.rerank import load_reranker
+
+    return load_reranker(a.rerank_clap, a.rerank_tokenizer, device, windows=loaded.encoder.get("windows") or {})
 
 
 def _emit(a, obj, text):
@@ -147,9 +183,10 @@ def _emit(a, obj, text):
         print(text)
 
 
-def _icl(a, loaded, runner, windows, device) -> int:
-    from megaflamingo.inference.fewshot import answer_with_examples, neighbours_of, open_index, split_task
+def _icl(a, loaded, runner, windows, device, n_samples=1, reranker=None) -> int:
+    from megaflamingo.inference.fewshot import fewshot_query, neighbours_of, open_index, split_task
     from megaflamingo.inference.prompts import TrainingForm
+    from megaflamingo.inference.rerank import answer_query
 
     if len(windows) != 1:
         raise ValueError("--icl-from takes exactly one --audio (the query)")
@@ -160,9 +197,11 @@ def _icl(a, loaded, runner, windows, device) -> int:
     prefix = a.prefix
     if prefix is None and a.task:
         prefix = TrainingForm.of(loaded.config).prefix(a.task)
-    answer = answer_with_examples(runner, loaded, index, neigh, windows[0], a.prompt, prefix)
-    _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": answer, "task": split_task(index),
-              "examples": [{"id": n.id, "output": n.output, "distance": n.distance} for n in neigh]}, answer)
+    g = answer_query(runner, fewshot_query(loaded, index, neigh, windows[0], a.prompt, prefix).query, n_samples,
+                     reranker, a.audio[0])
+    _emit(a, {"audio": a.audio, "prompt": a.prompt, "answer": g.text, "task": split_task(index),
+              "examples": [{"id": n.id, "output": n.output, "distance": n.distance} for n in neigh], **g.fields()},
+          g.lines())
     return 0
 
 

@@ -58,7 +58,8 @@ def test_console_scripts_of_a_plain_install_find_their_configs(installed, tmp_pa
     where = _run([str(venv / "bin" / "python"), "-c", "import megaflamingo; print(megaflamingo.__file__)"],
                  cwd=tmp_path).stdout
     assert str(site) in where
-    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer", "megaflamingo-eval"):
+    for script in ("megaflamingo-preprocess", "megaflamingo-convert", "megaflamingo-infer", "megaflamingo-eval",
+                   "megaflamingo-demo"):
         assert "usage" in _run([str(venv / "bin" / script), "--help"], cwd=tmp_path).stdout.lower()
     # The benchmark registry is package data: listed from the installed package.
     listing = _run([str(venv / "bin" / "megaflamingo-eval"), "--list"], cwd=tmp_path).stdout

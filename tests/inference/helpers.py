@@ -111,3 +111,26 @@ def save_export(model, cfg, out: Path, encoder_record: dict) -> Path:
     save_file(uniq, str(out / "model.safetensors"))
     write_encoder_record(out, encoder_record)
     return out
+
+
+def infer_json(capsys, *argv) -> dict:
+    """``megaflamingo-infer ARGV --json`` in-process: the JSON it prints (its last stdout line)."""
+    from megaflamingo.cli.infer import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv] + ["--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    return json.loads(out.out.strip().splitlines()[-1])
+
+
+def infer_dialogue(model: Path, wav: Path, turns: list[str], tmp_path: Path, max_new_tokens: int = 8) -> list[str]:
+    """``megaflamingo-infer --chat --dialogue``: its answers to ``turns`` about ``wav`` (the model's
+    own answers as history)."""
+    from megaflamingo.cli.infer import main
+
+    talk, answers = tmp_path / "talk.json", tmp_path / "answers.json"
+    talk.write_text(json.dumps({"audio": str(wav), "dialogue": [{"user": u} for u in turns]}))
+    assert main(["--model", str(model), "--chat", "--dialogue", str(talk), "--out", str(answers),
+                 "--max-new-tokens", str(max_new_tokens)]) == 0
+    return [r["prediction"] for r in json.loads(answers.read_text())["dialogue"]]

@@ -1,7 +1,9 @@
 """README command 1 on a smaller budget: the real pipeline (preprocess CLI, 2-process DeepSpeed ZeRO-3
 training with task metrics, checkpoint conversion/split, batch inference, 2-process megaflamingo-eval)
-must produce a model that has learned, and say so in summary.json and TensorBoard."""
+must produce a model that has learned, say so in summary.json and TensorBoard, and end with a demo
+command that serves that model."""
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_quickstart_learns(tmp_path, monkeypatch):
+@pytest.mark.timeout(1200)  # the whole pipeline, then the demo it prints (the suite's 600 s is per test)
+def test_quickstart_learns(tmp_path, monkeypatch, capsys):
     from megaflamingo.quickstart import main
 
     monkeypatch.chdir(tmp_path)  # shipped configs are found from any directory
@@ -22,6 +25,8 @@ def test_quickstart_learns(tmp_path, monkeypatch):
                "--test-per-class", "3", "--min-accuracy", "0"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert printed[-1].strip() == s["demo_command"]  # the last thing it prints
     for key in ("accuracy", "n_eval", "run_dir", "tensorboard_dir", "checkpoint_dir", "export_dir", "predictions"):
         assert key in s, key
     assert s["n_eval"] == 3 * len(synthetic.LABELS)
@@ -42,6 +47,27 @@ def test_quickstart_learns(tmp_path, monkeypatch):
     assert main(["--out", str(out), "--steps", "150", "--train-per-class", "12", "--val-per-class", "1",
                  "--test-per-class", "3", "--min-accuracy", "0"]) == 0
     assert json.loads((out / "summary.json").read_text())["accuracy"] == s["accuracy"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].strip() == s["demo_command"]
+    _demo_command_serves_the_model(s, tmp_path, capsys)
+
+
+def _demo_command_serves_the_model(s, tmp_path, capsys):
+    """The printed command, as a user pastes it, serves the exported model: its API answers a test
+    clip as megaflamingo-infer does."""
+    from gradio_client import Client, handle_file
+
+    from .demo_server import serving
+    from .helpers import infer_json
+
+    cmd = shlex.split(s["demo_command"])
+    assert cmd[cmd.index("--model") + 1] == s["export_dir"]
+    wav = next(Path(s["data_dir"]).glob("audio/test/*.wav"))
+    want = infer_json(capsys, "--model", s["export_dir"], "--audio", wav, "--prompt", "classify this sound.")["answer"]
+    work = tmp_path / "demo"
+    work.mkdir()
+    with serving(cmd, work, cwd=tmp_path) as url:
+        client = Client(url, verbose=False)
+        assert client.predict(handle_file(str(wav)), "classify this sound.", api_name="/answer") == want
 
 
 def check_eval(s):
