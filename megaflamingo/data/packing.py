@@ -13,7 +13,7 @@ Pipeline (each step a function of its inputs, so a resumed job redoes exactly th
    order; its state is the stream position plus the buffer's keys (:meth:`StreamPacker.state_dict`).
 3. :func:`collate_packed`: rows -> the packed batch (``input_ids``/``labels``/``attention_mask`` [R, T],
    ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L], and the segment ``layout`` shared by the LM
-   self-attention and the fused cross-attention, see ``megaflamingo.model.segments``).
+   self-attention and the fused cross-attention, see ``megaflamingo.segments``).
 4. :class:`PackedBatchStream`: ties them to a list of sample keys (an epoch's positions) and a fetch
    function (e.g. a DataLoader over the keys), and is resumable: its state is ``(cursor, buffer keys)``;
    the buffer's samples are rebuilt from their keys, which is exact because every random choice of a
@@ -200,7 +200,7 @@ def collate_packed(rows: Sequence[Sequence[Mapping]], token_ids, cfg: PackingCon
 
     ``input_ids``, ``labels``, ``attention_mask``, ``sample_index`` [R, T] (pad / -100 / 0 / -1 outside
     samples), ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L] (samples in row-major order),
-    ``layout`` (``megaflamingo.model.segments.PackedLayout``, built here on the host unless
+    ``layout`` (``megaflamingo.segments.PackedLayout``, built here on the host unless
     ``build_layout=False``), ``dataset`` (per sample), ``num_samples``, ``num_tokens``."""
     R = len(rows)
     samples = [s for row in rows for s in row]
@@ -233,7 +233,7 @@ def collate_packed(rows: Sequence[Sequence[Mapping]], token_ids, cfg: PackingCon
              "keys": [smp.get("key") for smp in samples], "num_samples": len(samples),
              "num_tokens": int((sidx >= 0).sum())}
     if build_layout:
-        from megaflamingo.model.segments import build_layout as _build
+        from megaflamingo.segments import build_layout as _build
 
         batch["layout"] = _build(ids, sidx, amask, _media_id(token_ids), windows_per_audio,
                                  query_chunk=cfg.query_chunk or None)

@@ -1,4 +1,4 @@
-"""Attention kernels behind the segment layout (``megaflamingo.model.segments``), picked by name.
+"""Attention kernels behind the segment layout (``megaflamingo.segments``), picked by name.
 
 Cross-attention (``segment_cross_attention``), q [Nq, H, dh] against the compacted keys k/v [Nkv, H, dh]:
 
@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megaflamingo.segments import repeat_counts
 
 XATTN_BACKENDS = ("auto", "dense", "segments", "varlen", "flex")
 
@@ -110,7 +112,7 @@ def varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale
 def _pad_index(cu: torch.Tensor, n: int):
     """For the flat rows of a segmented stream: (segment, offset in segment), and segment lengths."""
     lens = (cu[1:] - cu[:-1]).long()
-    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=n)
+    seg = repeat_counts(torch.arange(lens.numel(), device=cu.device), lens, n)
     off = torch.arange(n, device=cu.device) - cu[:-1].long()[seg]
     return seg, off, lens
 
@@ -147,7 +149,7 @@ def _key_owner(seg, n_keys: int, device):
     owner = torch.empty(n_keys, dtype=torch.long, device=device)
     rank = torch.empty(n_keys, dtype=torch.long, device=device)
     counts = torch.diff(seg.sample_key_offset, append=seg.sample_key_offset.new_tensor([nv]))
-    owner[:nv] = torch.repeat_interleave(torch.arange(S, device=device), counts, output_size=nv)
+    owner[:nv] = repeat_counts(torch.arange(S, device=device), counts, nv)
     rank[:nv] = torch.arange(nv, device=device) - seg.sample_key_offset[owner[:nv]]
     if n_keys > nv:
         owner[nv:] = torch.arange(S, device=device)
@@ -230,7 +232,7 @@ def segment_cross_attention(attn, x: torch.Tensor, media: torch.Tensor, seg, aud
 def segment_ids_from_cu(cu: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
     n = rows * seq_len
     lens = (cu[1:] - cu[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=n).view(rows, seq_len)
+    return repeat_counts(torch.arange(lens.numel(), device=cu.device), lens, n).view(rows, seq_len)
 
 
 def varlen_causal_attention(query, key, value, cu_seq_lens, max_length: int, scale: Optional[float],

@@ -7,7 +7,7 @@ cross-attention:
 * audio: ``audio_embeds [S, L, D]`` (each sample its own ``max_num_fewshot * W`` slots); the audio
   transformer's batch dimension is the sample, so its attention never mixes samples (and still mixes all
   of a sample's slots, padding included, as AF1);
-* cross-attention: the fused layout of ``megaflamingo.model.segments`` (each token sees only its own
+* cross-attention: the fused layout of ``megaflamingo.segments`` (each token sees only its own
   sample's slots, with AF1's visibility rule), kernel chosen by ``xattn_backend``;
 * LM self-attention: block-diagonal per sample with positions restarting per sample (OPT's learned
   positions included), given to the HF LM in the form its attention implementation takes
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .attention_kernels import XATTN_BACKENDS, varlen_causal_attention
 from .injection import MEDIA_KWARG
-from .segments import PackedLayout, block_causal_mask
+from megaflamingo.segments import PackedLayout, block_causal_mask
 from .xattn import MediaContext
 
 IGNORE_INDEX = -100

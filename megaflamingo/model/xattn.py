@@ -54,7 +54,7 @@ class MediaContext:
     mask: Optional[torch.Tensor] = None  # [B, 1, T, L] bool (SDPA convention: True = attend)
     has_any: Optional[torch.Tensor] = None  # [B, T] bool; rows without any visible slot get the AF1 uniform average
     kv_memo: Optional[dict] = field(default=None)  # layer index -> (k, v), reused across decoding steps
-    # Fused layout (megaflamingo.model.segments.CrossAttentionSegments): when set, mask/has_any are unused,
+    # Fused layout (megaflamingo.segments.CrossAttentionSegments): when set, mask/has_any are unused,
     # the batch may hold several samples per row and ``backend`` picks the kernel (attention_kernels).
     segments: Optional[object] = None
     audio_mask: Optional[torch.Tensor] = None  # [S, L]; only the dense reference backend reads it

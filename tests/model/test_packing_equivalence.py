@@ -12,7 +12,7 @@ from megaflamingo.data.packing import PackingConfig, collate_packed, pack_length
 from megaflamingo.engine.trainer import token_losses
 from megaflamingo.model import apply_freeze_policy
 from megaflamingo.model.packed import VARLEN_IMPL, packed_forward, packed_logits, register_varlen_attention
-from megaflamingo.model.segments import layout_for_padded_batch, unpack_rows
+from megaflamingo.segments import layout_for_padded_batch, unpack_rows
 
 from conftest import CONFIGS, TOK, VOCAB
 
@@ -157,7 +157,7 @@ def test_sample_weighting_and_errors():
     with pytest.raises(ValueError, match="holds 5 samples"):
         packed_forward(model, dict(pb, audio_embeds=pb["audio_embeds"][:5], audio_mask=pb["audio_mask"][:5]))
     noaudio = dict(pb, input_ids=pb["input_ids"].masked_fill(pb["input_ids"] == TOK["media"], 5))
-    from megaflamingo.model.segments import build_layout
+    from megaflamingo.segments import build_layout
     noaudio["layout"] = build_layout(noaudio["input_ids"], pb["sample_index"], pb["audio_mask"], TOK["media"], WPA)
     with pytest.raises(ValueError, match="contain no <audio> token"):
         packed_forward(model, noaudio)

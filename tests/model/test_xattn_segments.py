@@ -1,11 +1,11 @@
-"""The fused cross-attention layout (megaflamingo.model.segments + attention_kernels) against today's
+"""The fused cross-attention layout (megaflamingo.segments + attention_kernels) against today's
 SDPA-dense block (media_visibility mask), on random batches: text before the first <audio>, invalid
 windows (also non-prefix patterns), AF1's fully-masked uniform rows, padding, several samples per row."""
 import pytest
 import torch
 
 from megaflamingo.model.attention_kernels import segment_cross_attention
-from megaflamingo.model.segments import LayoutError, build_layout, layout_for_padded_batch
+from megaflamingo.segments import LayoutError, build_layout, layout_for_padded_batch
 from megaflamingo.model.xattn import GatedCrossAttentionBlock, MediaContext, media_visibility
 
 MEDIA, W = 7, 4
@@ -37,8 +37,8 @@ def _dense_reference(block, x, ids, media, am):
     return block.attn(x, MediaContext(media=media, mask=mask, has_any=has_any))
 
 
-@pytest.mark.parametrize("backend", ["dense", "segments", "flex"])
-@pytest.mark.parametrize("prefix_valid", [False, True])
+@pytest.mark.parametrize("backend,prefix_valid", [("dense", False), ("dense", True), ("segments", False),
+                                                   ("segments", True), ("flex", False)])
 def test_padded_batch_matches_sdpa_dense(backend, prefix_valid):
     g = torch.Generator().manual_seed(3 + prefix_valid)
     B, T, shots, dim, da = 5, 23, 3, 32, 16
