@@ -50,7 +50,8 @@ class PackingConfig:
 
     max_tokens_per_row: int = 512  # row capacity; must be >= data.max_tokens (every sample fits a row)
     rows_per_batch: int = 1  # rows of a micro-batch
-    buffer_size: int = 64  # look-ahead: samples considered together (more = fuller rows, more memory)
+    lookahead_tokens: int = 0  # pack once the buffer holds this many tokens; 0 = 2 x rows x max_tokens_per_row
+    buffer_size: int = 256  # ... or this many samples (the bound on the look-ahead, hence on memory)
     max_delay: int = 4  # micro-batches a sample may wait before it is placed first
     max_samples_per_row: int = 0  # 0 = no cap
     max_samples_per_batch: int = 0  # 0 = no cap (audio memory grows with the samples of a micro-batch)
@@ -61,7 +62,7 @@ class PackingConfig:
         for name in ("max_tokens_per_row", "rows_per_batch", "buffer_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"data.packing.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_delay", "max_samples_per_row", "max_samples_per_batch", "pad_to_multiple_of", "query_chunk"):
+        for name in ("lookahead_tokens", "max_delay", "max_samples_per_row", "max_samples_per_batch", "pad_to_multiple_of", "query_chunk"):
             if getattr(self, name) < 0:
                 raise DataError(f"data.packing.{name} must be >= 0, got {getattr(self, name)}")
         if max_tokens is not None and self.max_tokens_per_row < max_tokens:
@@ -112,6 +113,7 @@ class StreamPacker:
         cfg.validate()
         self.cfg = cfg
         self.buffer: list[_Item] = []
+        self.buffered_tokens = 0
         self.arrivals = 0
         self.emitted = 0
         self.tokens = 0  # packed tokens so far (fill-rate statistics)
@@ -125,9 +127,15 @@ class StreamPacker:
             raise DataError(f"sample {key!r} has no tokens")
         self.buffer.append(_Item(key, int(length), self.arrivals, 0, payload))
         self.arrivals += 1
+        self.buffered_tokens += int(length)
+
+    @property
+    def lookahead_tokens(self) -> int:
+        c = self.cfg
+        return c.lookahead_tokens or 2 * c.rows_per_batch * c.max_tokens_per_row
 
     def ready(self) -> bool:
-        return len(self.buffer) >= self.cfg.buffer_size
+        return len(self.buffer) >= self.cfg.buffer_size or self.buffered_tokens >= self.lookahead_tokens
 
     def emit(self) -> list[list[_Item]]:
         """One micro-batch: a list of rows (each a list of items in placement order)."""
@@ -151,6 +159,7 @@ class StreamPacker:
                     taken.add(it.arrival)
                     break
         self.buffer = [it for it in self.buffer if it.arrival not in taken]
+        self.buffered_tokens = sum(it.length for it in self.buffer)
         for it in self.buffer:
             it.age += 1
         rows = [r for r in rows if r]
@@ -174,6 +183,7 @@ class StreamPacker:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.buffer = [_Item(k, int(n), int(a), int(g)) for k, n, a, g in state["buffer"]]
+        self.buffered_tokens = sum(it.length for it in self.buffer)
         self.arrivals, self.emitted = int(state["arrivals"]), int(state["emitted"])
         self.tokens, self.capacity = int(state.get("tokens", 0)), int(state.get("capacity", 0))
 
