@@ -308,3 +308,18 @@ def packed_flops(spec, layout: PackedLayout, head_rows: Optional[int] = None) ->
     per_slot = spec.audio_linear + 12.0 * L * spec.audio_width * spec.audio_layers
     rows = R * T if head_rows is None else head_rows
     return R * T * per_text + attn_lm + S * L * per_slot + rows * spec.head_linear
+
+
+class PackedTrainModule(torch.nn.Module):
+    """``packed_forward`` behind a module ``forward``, so that a DeepSpeed engine built around it runs the
+    packed step through its own ``__call__`` (ZeRO-3 gathers in module hooks). Submodule names are the
+    AudioFlamingo's under ``flamingo.``; checkpoint the inner model, not this wrapper."""
+
+    def __init__(self, flamingo, xattn_backend: str = "auto", weighting: str = "token", loss_head: str = "plain"):
+        super().__init__()
+        self.flamingo = flamingo
+        self.xattn_backend, self.weighting, self.loss_head = xattn_backend, weighting, loss_head
+
+    def forward(self, batch: dict, normalizer: Optional[float] = None) -> PackedLoss:
+        return packed_forward(self.flamingo, batch, xattn_backend=self.xattn_backend, weighting=self.weighting,
+                              normalizer=normalizer, loss_head=self.loss_head)
