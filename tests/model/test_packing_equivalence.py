@@ -161,3 +161,31 @@ def test_sample_weighting_and_errors():
     noaudio["layout"] = build_layout(noaudio["input_ids"], pb["sample_index"], pb["audio_mask"], TOK["media"], WPA)
     with pytest.raises(ValueError, match="contain no <audio> token"):
         packed_forward(model, noaudio)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_two_process_packed_equals_one_process(tmp_path):
+    """2-process ZeRO-3 (gloo, CPU) on a packed batch = the single-process packed loss, sums and gradients."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "res.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(here.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(here / "zero3_packed_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 2 and res["partitioned_params"] > 0
+    assert res["loss"] <= 1e-6 and res["loss_sum"] <= 1e-5 and res["count_equal"] and res["grads"] <= 1e-4, res
