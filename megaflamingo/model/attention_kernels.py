@@ -51,7 +51,7 @@ def _torch_varlen():
     if fn is None:
         return None
     params = inspect.signature(fn).parameters
-    return fn, ("window_size" in params), ("is_causal" in params)
+    return fn, ("window_size" in params), ("is_causal" in params), ("enable_gqa" in params)
 
 
 def varlen_kernel_name() -> Optional[str]:
@@ -92,10 +92,14 @@ def varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale
         raise RuntimeError("no varlen attention kernel available (flash-attn / torch.nn.attention.varlen)")
     if dropout_p:
         raise RuntimeError("torch.nn.attention.varlen has no dropout; set attention dropout to 0")
-    fn, has_window, has_causal = found
+    fn, has_window, has_causal, has_gqa = found
     kw = {"scale": scale}
     if k.shape[1] != q.shape[1]:
-        kw["enable_gqa"] = True
+        if has_gqa:
+            kw["enable_gqa"] = True
+        else:  # older torch: expand the KV heads (kv head h // n_rep serves query head h, as HF's repeat_kv)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     if has_window:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)
     elif has_causal:
@@ -157,6 +161,14 @@ def _key_owner(seg, n_keys: int, device):
     return owner, rank
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # shapes change with every batch (Nq, Nkv): compile once for dynamic shapes
+    return torch.compile(flex_attention, dynamic=True)
+
+
 def _flex(q, k, v, seg) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -169,7 +181,9 @@ def _flex(q, k, v, seg) -> torch.Tensor:
         return same & (((c > 0) & (rank[kj] >= 0) & (rank[kj] < c)) | ((c == 0) & (rank[kj] < 0)))
 
     bm = create_block_mask(mask_mod, None, None, q.shape[0], k.shape[0], device=q.device)
-    o = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm)
+    # the fused kernel on CUDA; on the CPU the (uncompiled) reference implementation, forward only
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    o = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm)
     return o[0].transpose(0, 1)
 
 

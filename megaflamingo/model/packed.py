@@ -59,7 +59,7 @@ def _varlen_lm_attention(module, query, key, value, attention_mask, dropout: flo
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q:  # identity: no device sync per layer
         raise ValueError("megaflamingo_varlen supports self-attention only (cu_seq_lens_k == cu_seq_lens_q)")
     if query.shape[2] != key.shape[2]:
         raise ValueError("megaflamingo_varlen runs packed training batches: no KV cache")
@@ -145,15 +145,16 @@ def reduce_loss(tok: torch.Tensor, tok_sample: torch.Tensor, count: torch.Tensor
     return (tok * w).sum()
 
 
-def _check_labels(labels: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+def _check_labels(labels: torch.Tensor, layout: PackedLayout, check: bool = True) -> torch.Tensor:
     """The [R, T] mask of positions that predict a supervised label; a label may not be predicted from
-    another sample (every sample's first labels are -100 in AF1's rules; anything else is a packing bug)."""
+    another sample (every sample's first labels are -100 in AF1's rules; anything else is a packing bug).
+    ``check`` (the model's ``check_inputs``) costs one device sync."""
     if labels.shape != layout.sample_index.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(layout.sample_index.shape)}")
     sup = labels[:, 1:] != IGNORE_INDEX
     sid = layout.sample_index
     cross = sup & (sid[:, 1:] != sid[:, :-1])
-    if bool(cross.any()):
+    if check and bool(cross.any()):
         r, t = (int(x) for x in cross.nonzero()[0])
         raise ValueError(f"labels row {r} position {t + 1}: a supervised label whose previous position belongs to "
                          "another sample (the first label of every packed sample must be -100)")
@@ -207,7 +208,7 @@ def packed_forward(model, batch: dict, *, xattn_backend: str = "auto", loss_logi
     input_ids, labels, layout = batch["input_ids"], batch["labels"], batch["layout"]
     audio_embeds, audio_mask = batch["audio_embeds"], batch["audio_mask"]
     _check_batch(model, input_ids, audio_embeds, audio_mask, layout)
-    keep = _check_labels(labels, layout)
+    keep = _check_labels(labels, layout, model.check_inputs)
     media = model.encode_audio(audio_embeds)
     ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=audio_mask.bool(), backend=xattn_backend)
     lm = model.lang_encoder

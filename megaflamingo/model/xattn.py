@@ -12,6 +12,10 @@ mask. AF1 fills masked logits with -finfo.max and subtracts the row max, so a ro
 becomes a uniform average over all L slots. SDPA would return 0 (bool mask) or NaN (-inf mask) there,
 so we zero the query of such rows and unmask the whole row: q = 0 gives equal logits, hence the same
 uniform average, with no branch and no extra kernel.
+
+With ``MediaContext.segments`` set (the fused layout of ``megaflamingo.segments``: packed rows, or padded
+rows run sample by sample) the attention branch goes through ``attention_kernels.segment_cross_attention``
+instead: varlen segments over the compacted valid slots, same math, kernel picked by ``MediaContext.backend``.
 """
 from __future__ import annotations
 
