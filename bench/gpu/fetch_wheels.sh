@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Put the optional GPU-suite packages into .whl/ (git-ignored) for bench/gpu/run.sh to install on a machine
+# Put the optional GPU-suite packages into .whl/ (ignored by .gitignore) for bench/gpu/run.sh to install on a machine
 # without PyPI: run this where pip reaches PyPI. Wheels target CPython 3.12 / manylinux x86-64 (the GPU
 # image). Keep the total under the 64 MiB a device call carries.
 #   deepspeed: sdist only on PyPI -> built here into a pure-Python wheel (DS_BUILD_OPS=0: no compiled ops;
@@ -13,7 +13,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=${PYTHON:-python3}
 DEST="$ROOT/.whl"
 mkdir -p "$DEST"
-grep -qx '/.whl/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.whl/' >> "$(git -C "$ROOT" rev-parse --git-common-dir)/info/exclude"
 PLAT=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --only-binary=:all: --no-deps -d "$DEST")
 $PY -m pip download "${PLAT[@]}" hjson==3.1.0 pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 \
