@@ -19,10 +19,14 @@ all):
   grouped     today's length grouping (collate.length_grouped_batches) then dynamic padding
   packed      data.packing: rows of 512 tokens, B rows per micro-batch, fused cross-attention
 Per strategy: samples/s, non-pad tokens/s (wall clock and per CPU-second of the process: the ratios use
-CPU time, which a shared host does not distort), padding fraction; ``max_abs_loss_diff`` is the largest
+CPU time, which a shared host distorts less), padding fraction, and the executed GFLOP per sample (torch's
+FlopCounterMode over the same steps: matmuls + attention as executed, masked work included; independent
+of host load); ``max_abs_loss_diff`` is the largest
 difference of a sample's mean token loss between the packed and the dynamic-padding runs.
-``--quick`` times only the first padded_512 micro-batch (its cost per micro-batch is constant) and uses
-fewer samples. A second section gives the padding fraction of each strategy on 20000 drawn samples of
+The samples are those of the first full packed micro-batches of a longer draw (steady state: a finite
+list would end in a half-empty flush micro-batch that an epoch does not have), in arrival order for the
+other strategies. ``--quick`` times only the first padded_512 micro-batch (its cost per micro-batch is
+constant) and uses fewer samples. A second section gives the padding fraction of each strategy on 20000 drawn samples of
 both mixes (no model: the packing algorithm alone).
 """
 from __future__ import annotations
@@ -144,6 +148,22 @@ def packing_config(B: int):
                          pad_to_multiple_of=8, query_chunk=64)
 
 
+def steady_state_samples(pool: list[dict], n: int, B: int) -> list[dict]:
+    """The samples of the first packed micro-batches that hold >= n samples, in arrival order.
+
+    A finite sample list ends with a half-empty packed micro-batch (the look-ahead buffer flushed), which
+    an epoch of thousands of micro-batches does not have; benchmarking every strategy on the samples of
+    full micro-batches measures packing in its steady state, on the same samples for all strategies."""
+    from megaflamingo.data.packing import pack_lengths
+
+    chosen: list[int] = []
+    for b in pack_lengths([len(s["input_ids"]) for s in pool], packing_config(B)):
+        chosen.extend(i for row in b for i in row)
+        if len(chosen) >= n:
+            break
+    return [pool[i] for i in sorted(chosen)]
+
+
 def positions(plan, lengths, strategy) -> int:
     if strategy == "padded_512":
         return sum(len(b) * MAX_TOKENS for b in plan)
@@ -194,6 +214,29 @@ def build_model():
     return model.train()
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU flash-SDPA kernels (matmuls and attention: what
+    the hardware executes, masked-out work included): a measure of the work that host load cannot blur."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+
+    aten = torch.ops.aten
+    mapping = {}
+    for fwd, bwd in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),):
+        if hasattr(aten, fwd):
+            mapping[getattr(aten, fwd)] = sdpa_flop
+        if hasattr(aten, bwd):
+            mapping[getattr(aten, bwd)] = sdpa_backward_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _timed(step):
+    fc = flop_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with fc:
+        out = step()
+    return out, (time.perf_counter() - t0, time.process_time() - c0, fc.get_total_flops())
+
+
 def run_unpacked(model, samples, plan, pad_to: int | None):
     from megaflamingo.data.collate import Collator
 
@@ -209,11 +252,14 @@ def run_unpacked(model, samples, plan, pad_to: int | None):
             ids = torch.nn.functional.pad(ids, (0, extra), value=TOKS["pad"])
             att = torch.nn.functional.pad(att, (0, extra))
             labels = torch.nn.functional.pad(labels, (0, extra), value=-100)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = model.supervised_loss(ids, att, batch["audio_embeds"], batch["audio_mask"], labels)
-        out.loss.backward()
-        model.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
+        def step():
+            o = model.supervised_loss(ids, att, batch["audio_embeds"], batch["audio_mask"], labels)
+            o.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return o
+
+        out, t = _timed(step)
+        times.append(t)
         for k, i in enumerate(idx):
             per_sample[i] = float(out.loss_sum[k].detach()) / max(int(out.count[k]), 1)
         real += int(att.sum())
@@ -230,11 +276,14 @@ def run_packed(model, samples, plan, B):
     for b in plan:
         rows = [[prepare_sample(samples[i], TOKS, SHOTS * W, W, D, key=i) for i in row] for row in b]
         batch = collate_packed(rows, TOKS, cfg, W)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = packed_forward(model, batch, xattn_backend="segments")
-        out.loss.backward()
-        model.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
+        def step():
+            o = packed_forward(model, batch, xattn_backend="segments")
+            o.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return o
+
+        out, t = _timed(step)
+        times.append(t)
         for k, i in enumerate(batch["keys"]):
             per_sample[i] = float(out.loss_sum[k].detach()) / max(int(out.count[k]), 1)
         real += batch["num_tokens"]
@@ -255,11 +304,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     micro = {m: int(yaml.safe_load(p.read_text())["train"]["micro_batch_size"]) for m, p in MIXES.items()}
     B = args.batch or micro[args.mix]
-    n = args.samples or (16 if args.quick else 64)
+    n = args.samples or (20 if args.quick else 64)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
     algo = algorithmic(4000 if args.quick else 20000, micro)
-    samples = draw(mixture(args.mix), n, args.seed)
+    samples = steady_state_samples(draw(mixture(args.mix), 4 * n, args.seed), n, B)
+    n = len(samples)
     lengths = np.array([len(s["input_ids"]) for s in samples])
     pl = plans(lengths, B, args.seed)
     log(f"mix {args.mix}: {n} samples, mean {lengths.mean():.0f} tokens (min {lengths.min()}, max {lengths.max()}), "
@@ -279,15 +329,16 @@ def main() -> None:
         else:
             times, per, real, pos = run_unpacked(model, samples, plan, MAX_TOKENS if strategy == "padded_512" else None)
         done = sum(sum(len(r) for r in b) for b in plan)
-        sec, cpu = sum(t for t, _ in times), sum(c for _, c in times)
+        sec, cpu, flops = (sum(t[k] for t in times) for k in range(3))
         results[strategy] = {"samples_per_s": done / sec, "tokens_per_s": real / sec, "padding_fraction": 1 - real / pos,
                              "samples_per_cpu_s": done / cpu, "tokens_per_cpu_s": real / cpu,
+                             "executed_gflop_per_sample": flops / done / 1e9, "achieved_gflop_per_s": flops / sec / 1e9,
                              "micro_batches": len(plan), "samples": done, "seconds": sec, "cpu_seconds": cpu,
-                             "median_step_s": statistics.median(t for t, _ in times)}
+                             "median_step_s": statistics.median(t[0] for t in times)}
         losses[strategy] = per
         log(f"{strategy:11s} {done / sec:7.3f} samples/s {real / sec:8.1f} tokens/s  ({done / cpu:7.3f} samples and "
-            f"{real / cpu:7.1f} tokens per CPU-s)  padding {100 * (1 - real / pos):5.1f}%  {len(plan)} micro-batches, "
-            f"{sec:6.1f} s wall, {cpu:6.1f} s CPU")
+            f"{real / cpu:7.1f} tokens per CPU-s)  padding {100 * (1 - real / pos):5.1f}%  "
+            f"{flops / done / 1e9:7.1f} GFLOP/sample  {len(plan)} micro-batches, {sec:6.1f} s wall, {cpu:6.1f} s CPU")
     def ratio(other):
         return results["packed"]["samples_per_cpu_s"] / results[other]["samples_per_cpu_s"]
 
@@ -303,6 +354,8 @@ def main() -> None:
         "packed_vs_padded_512": ratio("padded_512"),
         "packed_vs_dynamic_wall": results["packed"]["samples_per_s"] / results["dynamic"]["samples_per_s"],
         "ratio_basis": "samples per CPU-second of this process (a shared host distorts wall time)",
+        "flop_ratio_dynamic_over_packed": (results["dynamic"]["executed_gflop_per_sample"]
+                                           / results["packed"]["executed_gflop_per_sample"]),
         "max_abs_loss_diff": diff, "max_abs_loss_diff_grouped": diff_g, "strategies": results,
         "algorithmic": algo, "fill_rate_algorithmic": fill,
     }
