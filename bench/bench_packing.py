@@ -19,15 +19,15 @@ all):
   grouped     today's length grouping (collate.length_grouped_batches) then dynamic padding
   packed      data.packing: rows of 512 tokens, B rows per micro-batch, fused cross-attention
 Per strategy: samples/s, non-pad tokens/s (wall clock and per CPU-second of the process: the ratios use
-CPU time, which a shared host distorts less), padding fraction, and the executed GFLOP per sample (torch's
-FlopCounterMode over the same steps: matmuls + attention as executed, masked work included; independent
-of host load); ``max_abs_loss_diff`` is the largest
-difference of a sample's mean token loss between the packed and the dynamic-padding runs.
+CPU time, which a shared host distorts less), padding fraction, and the executed GFLOP per sample (a count of
+the matmuls and attention the kernels execute, masked and padded work included: independent of host load,
+see ExecutedFlops); ``max_abs_loss_diff`` is the largest difference of a sample's mean token loss between
+the packed and the dynamic-padding runs.
 The samples are those of the first full packed micro-batches of a longer draw (steady state: a finite
 list would end in a half-empty flush micro-batch that an epoch does not have), in arrival order for the
 other strategies. ``--quick`` times only the first padded_512 micro-batch (its cost per micro-batch is
-constant) and uses fewer samples. A second section gives the padding fraction of each strategy on 20000 drawn samples of
-both mixes (no model: the packing algorithm alone).
+constant) and uses fewer samples. A second section gives the padding fraction of each strategy on 20000
+drawn samples of both mixes (no model: the packing algorithm alone).
 """
 from __future__ import annotations
 
@@ -214,32 +214,49 @@ def build_model():
     return model.train()
 
 
-def flop_counter():
-    """torch's FlopCounterMode, also counting the CPU flash-SDPA kernels (matmuls and attention: what
-    the hardware executes, masked-out work included): a measure of the work that host load cannot blur."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
-
-    aten = torch.ops.aten
-    mapping = {}
-    for fwd, bwd in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),):
-        if hasattr(aten, fwd):
-            mapping[getattr(aten, fwd)] = sdpa_flop
-        if hasattr(aten, bwd):
-            mapping[getattr(aten, bwd)] = sdpa_backward_flop
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
 def _timed(step):
-    fc = flop_counter()
     t0, c0 = time.perf_counter(), time.process_time()
-    with fc:
-        out = step()
-    return out, (time.perf_counter() - t0, time.process_time() - c0, fc.get_total_flops())
+    out = step()
+    return out, (time.perf_counter() - t0, time.process_time() - c0)
+
+
+class ExecutedFlops:
+    """Arithmetic the kernels execute for one fwd+bwd step (matmuls and attention; masked-out work
+    included, padding included): a measure of the work that host load cannot blur. Frozen matrices cost
+    4|W| per row, trainable ones 6|W| (engine/flops.py's convention); attention 3 x 4 n_q n_k d."""
+
+    def __init__(self, model):
+        lin = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+        blocks = model.xattn_blocks()
+        a = blocks[0].attn
+        self.lm = sum(lin(layer.decoder_layer) for layer in model.flamingo_layers)
+        self.xq = len(blocks) * (a.to_q.weight.numel() + a.to_out.weight.numel())
+        self.xff = len(blocks) * lin(blocks[0].ff)
+        self.kv = len(blocks) * a.to_kv.weight.numel()
+        self.x_inner, self.blocks = a.heads * a.dim_head, len(blocks)
+        self.at = lin(model.audio_transformer)
+        self.at_width = model.audio_transformer.d_model
+        self.at_layers = len(model.audio_transformer.layer_stack)
+        cfg = model.lang_encoder.config
+        self.d, self.layers = cfg.hidden_size, cfg.num_hidden_layers
+        self.head = model.lang_encoder.get_output_embeddings().weight.numel()
+
+    def __call__(self, R, T, S, L, n_real, head_rows, kv_rows=None, xattn_pairs=None) -> float:
+        N = R * T
+        f = 4 * self.lm * N + 12 * self.d * self.layers * R * T * T  # frozen LM + its attention (all T^2)
+        if kv_rows is None:  # dense cross-attention: every position, every slot
+            f += 6 * (self.xq + self.xff) * N + 6 * self.kv * S * L + 12 * self.x_inner * self.blocks * N * L
+        else:  # fused: q/out on real tokens, to_kv on valid slots, attention over padded segments
+            f += 6 * self.xq * n_real + 6 * self.xff * N + 6 * self.kv * kv_rows
+            f += 12 * self.x_inner * self.blocks * xattn_pairs
+        f += 6 * self.at * S * L + 12 * self.at_width * self.at_layers * S * L * L
+        return f + 4 * self.head * head_rows
 
 
 def run_unpacked(model, samples, plan, pad_to: int | None):
     from megaflamingo.data.collate import Collator
 
+    ef = ExecutedFlops(model)
     col = Collator(TOKS, SHOTS * W, W, D)
     times, per_sample, real, pos = [], {}, 0, 0
     for b in plan:
@@ -259,7 +276,8 @@ def run_unpacked(model, samples, plan, pad_to: int | None):
             return o
 
         out, t = _timed(step)
-        times.append(t)
+        B, T = ids.shape
+        times.append(t + (ef(B, T, B, SHOTS * W, int(att.sum()), int(out.count.sum())),))
         for k, i in enumerate(idx):
             per_sample[i] = float(out.loss_sum[k].detach()) / max(int(out.count[k]), 1)
         real += int(att.sum())
@@ -272,6 +290,7 @@ def run_packed(model, samples, plan, B):
     from megaflamingo.model.packed import packed_forward
 
     cfg = packing_config(B)
+    ef = ExecutedFlops(model)
     times, per_sample, real, pos = [], {}, 0, 0
     for b in plan:
         rows = [[prepare_sample(samples[i], TOKS, SHOTS * W, W, D, key=i) for i in row] for row in b]
@@ -283,7 +302,12 @@ def run_packed(model, samples, plan, B):
             return o
 
         out, t = _timed(step)
-        times.append(t)
+        lay, (R, T) = batch["layout"], batch["input_ids"].shape
+        xa = lay.xattn
+        pairs = xa.num_segments * xa.max_q * xa.max_k  # the pure-torch kernel's padded segments
+        kv_rows = xa.kv_slots.numel() + (lay.num_samples if xa.has_uniform else 0)
+        times.append(t + (ef(R, T, lay.num_samples, SHOTS * W, batch["num_tokens"], int(out.count.sum()),
+                             kv_rows, pairs),))
         for k, i in enumerate(batch["keys"]):
             per_sample[i] = float(out.loss_sum[k].detach()) / max(int(out.count[k]), 1)
         real += batch["num_tokens"]
