@@ -328,10 +328,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     micro = {m: int(yaml.safe_load(p.read_text())["train"]["micro_batch_size"]) for m, p in MIXES.items()}
     B = args.batch or micro[args.mix]
-    n = args.samples or (20 if args.quick else 64)
+    n = args.samples or (12 if args.quick else 64)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
-    algo = algorithmic(4000 if args.quick else 20000, micro)
+    algo = algorithmic(2000 if args.quick else 20000, micro)
     samples = steady_state_samples(draw(mixture(args.mix), 4 * n, args.seed), n, B)
     n = len(samples)
     lengths = np.array([len(s["input_ids"]) for s in samples])
