@@ -80,6 +80,15 @@ def register_varlen_attention() -> str:
     return VARLEN_IMPL
 
 
+def check_lm_supports_packing(lm) -> None:
+    """Packed rows replace the LM's own mask: sliding-window layers would lose their window."""
+    cfg = lm.config
+    types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        raise ValueError(f"packed batches: {type(lm).__name__} has non-full attention layers ({sorted(set(types))}); "
+                         "the block-diagonal packing mask supports full causal attention only (use data.packing=false)")
+
+
 def lm_attention_inputs(layout: PackedLayout, attn_implementation: Optional[str], dtype: torch.dtype) -> dict:
     """The keyword arguments that make the HF LM attend block-diagonally per sample."""
     impl = attn_implementation or "sdpa"
@@ -212,6 +221,7 @@ def packed_forward(model, batch: dict, *, xattn_backend: str = "auto", loss_logi
     media = model.encode_audio(audio_embeds)
     ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=audio_mask.bool(), backend=xattn_backend)
     lm = model.lang_encoder
+    check_lm_supports_packing(lm)
     lm_kw = lm_attention_inputs(layout, getattr(lm.config, "_attn_implementation", None), media.dtype)
     S = layout.num_samples
     tok_sample = layout.sample_index[keep]
@@ -243,6 +253,7 @@ def packed_logits(model, batch: dict, *, xattn_backend: str = "auto") -> torch.T
     ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=batch["audio_mask"].bool(),
                        backend=xattn_backend)
     lm = model.lang_encoder
+    check_lm_supports_packing(lm)
     lm_kw = lm_attention_inputs(layout, getattr(lm.config, "_attn_implementation", None), media.dtype)
     out = lm(input_ids=batch["input_ids"], **{MEDIA_KWARG: ctx}, **lm_kw)
     return out.logits if hasattr(out, "logits") else out[0]

@@ -189,3 +189,12 @@ def test_zero3_two_process_packed_equals_one_process(tmp_path):
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["partitioned_params"] > 0
     assert res["loss"] <= 1e-6 and res["loss_sum"] <= 1e-5 and res["count_equal"] and res["grads"] <= 1e-4, res
+
+
+def test_sliding_window_lm_refused():
+    """A sliding-window LM would silently lose its window under the packing mask: refused by name."""
+    model = build("qwen2")
+    model.lang_encoder.config.layer_types = ["sliding_attention", "full_attention"]
+    pb, _ = packed_batch(make_samples(4, seed=2), max_tokens_per_row=128, rows_per_batch=2)
+    with pytest.raises(ValueError, match="non-full attention layers"):
+        packed_forward(model, pb)
