@@ -14,7 +14,12 @@ from megaflamingo.model import apply_freeze_policy
 from megaflamingo.model.packed import VARLEN_IMPL, packed_forward, packed_logits, register_varlen_attention
 from megaflamingo.segments import layout_for_padded_batch, unpack_rows
 
-from conftest import CONFIGS, TOK, VOCAB
+from megaflamingo.testing import tiny_llama_config, tiny_opt_config, tiny_qwen2_config
+
+# Same ids as tests/model/conftest.py (not imported from there: several conftest modules share the name)
+VOCAB = 96
+TOK = dict(media=90, eoc=91, sep=92, pad=1, bos=2, eos=2)
+CONFIGS = {"opt": tiny_opt_config, "llama": tiny_llama_config, "qwen2": tiny_qwen2_config}
 
 D_AUDIO, WPA, SHOTS = 16, 4, 8  # L = 32 slots: 8-shot samples use all of them, 1-shot ones one audio
 
