@@ -118,7 +118,7 @@ def make_batches(samples, rows: int, device, dtype):
     bp = _bench_packing()
     from megaflamingo.data.collate import Collator
     from megaflamingo.data.packing import PackingConfig, collate_packed, pack_lengths, prepare_sample
-    from megaflamingo.segments import layout_for_padded_batch
+    from megaflamingo.model.segments import layout_for_padded_batch
 
     col = Collator(bp.TOKS, bp.SHOTS * bp.W, bp.W, bp.D)
     n = len(samples)

@@ -1,81 +1,93 @@
-"""Sequence packing: several samples per row up to a token budget, deterministic and exactly resumable.
+"""Sequence packing: several samples per row up to a token budget, the same plan on every rank.
 
-Pipeline (each step a function of its inputs, so a resumed job redoes exactly the same):
+An epoch is packed **globally**: every rank walks the epoch's whole blended order (the order AF1's
+DistributedSampler shuffles before sharding), learns each sample's token length, and runs the same
+deterministic packer over it. Each packer step emits one *group*: ``world_size`` micro-batches of at
+most ``rows_per_batch`` rows of at most ``max_tokens_per_row`` tokens; rank r takes micro-batch r. So
+every rank has exactly the same number of micro-batches per epoch by construction (ZeRO-3 forwards are
+collective: a rank with one micro-batch more would hang the job), however unevenly the tokens of the
+ranks' shares would have fallen, and no collective is needed to agree on it.
 
-1. :func:`prepare_sample` (in the data-loader workers): a sample dict from the datasets (``input_ids``,
-   ``windows``, ``silence``, ``dataset``) gets its AF1 labels (computed on the sample alone: the same
-   labels the padded collator gives it, since AF1's truncation rule only fires on a row cut at
-   ``max_tokens``, which is always the longest row) and its own ``L = max_num_fewshot * W`` audio slots.
-2. :class:`StreamPacker` (main process): samples arrive in the epoch's order; a bounded look-ahead
-   buffer of ``buffer_size`` samples is packed into micro-batches of ``rows_per_batch`` rows of at most
-   ``max_tokens_per_row`` tokens by first-fit decreasing (longest first, ties by arrival; a sample that
-   has waited ``max_delay`` micro-batches goes first, so none starves). Deterministic given the input
-   order; its state is the stream position plus the buffer's keys (:meth:`StreamPacker.state_dict`).
-3. :func:`collate_packed`: rows -> the packed batch (``input_ids``/``labels``/``attention_mask`` [R, T],
-   ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L], and the segment ``layout`` shared by the LM
-   self-attention and the fused cross-attention, see ``megaflamingo.segments``).
-4. :class:`PackedBatchStream`: ties them to a list of sample keys (an epoch's positions) and a fetch
-   function (e.g. a DataLoader over the keys), and is resumable: its state is ``(cursor, buffer keys)``;
-   the buffer's samples are rebuilt from their keys, which is exact because every random choice of a
-   sample comes from ``(seed, epoch, position)``.
+* **Lengths** (:func:`sample_lengths`): the dataset's own ``__getitem__`` (templates, augmentation draws,
+  tokenisation: exactly what training builds) in DataLoader workers, keeping only the length; samples
+  the dataset drops (``None``) or that have no supervised token are left out on every rank alike. Each
+  rank builds the text of every sample of the epoch (cheap: no audio is read) but the audio of its
+  own samples only.
+* **Packer** (:class:`GroupPacker`): first-fit decreasing over a bounded look-ahead of
+  ``lookahead`` groups' worth of tokens (a sample that waited ``max_delay`` groups goes first, so none
+  drifts far from its place in the shuffled order). The last group of an epoch is topped up with
+  samples from the epoch's start when fewer than ``world_size`` samples remain, as DistributedSampler
+  pads its shares, so every rank gets at least one sample in every micro-batch.
+* **Build** (:class:`PackedSamples` + :class:`PackedCollator`, in the workers): each sample gets its AF1
+  labels on its own (the labels the padded collator gives it: AF1's truncation rule only fires on a row
+  cut at ``max_tokens``, which is always the longest row) and its own ``max_num_fewshot * W`` audio slots;
+  :func:`collate_packed` lays the rows out and builds the segment layout
+  (:mod:`megaflamingo.model.segments`) shared by the LM's block-diagonal self-attention and the fused
+  cross-attention.
+
+The plan is a pure function of (seed, epoch, world size, settings), so the loader state stays
+"(epoch, micro-batches consumed)" and resuming is exact.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from megaflamingo.data.assemble import fill_audio_slots
-from megaflamingo.data.labels import IGNORE_INDEX, build_labels
-from megaflamingo.data.reader import DataError
+from megaflamingo.tokens import IGNORE_INDEX, SpecialTokens
 
-STATE_VERSION = 1
+from .collate import fill_audio_slots
+from .labels import build_labels
+from .reader import DataError
 
-
-def _pad_id(token_ids) -> int:
-    """The one place that reads the token-id mapping (dict today, SpecialTokens attributes later)."""
-    return int(token_ids["pad"])
-
-
-def _media_id(token_ids) -> int:
-    return int(token_ids["media"])
-
+log = logging.getLogger("megaflamingo.train")
 
 @dataclass(frozen=True)
 class PackingConfig:
-    """``data.packing`` settings."""
+    """The packer's settings (``data.packing``, ``data.max_tokens_per_row``, ``data.packing_lookahead``)."""
 
-    max_tokens_per_row: int = 512  # row capacity; must be >= data.max_tokens (every sample fits a row)
-    rows_per_batch: int = 1  # rows of a micro-batch
-    lookahead_tokens: int = 0  # pack once the buffer holds this many tokens; 0 = 2 x rows x max_tokens_per_row
-    buffer_size: int = 256  # ... or this many samples (the bound on the look-ahead, hence on memory)
-    max_delay: int = 4  # micro-batches a sample may wait before it is placed first
-    max_samples_per_row: int = 0  # 0 = no cap
-    max_samples_per_batch: int = 0  # 0 = no cap (audio memory grows with the samples of a micro-batch)
+    max_tokens_per_row: int = 512  # row capacity; >= data.max_tokens, so every sample fits a row
+    rows_per_batch: int = 1  # rows of one micro-batch (train.micro_batch_size)
+    lookahead: int = 2  # the packer chooses from this many groups' worth of tokens of the order
+    max_delay: int = 4  # groups a sample may wait before it is placed first
     pad_to_multiple_of: int = 8  # T = longest row rounded up (<= max_tokens_per_row); 0 = always the budget
-    query_chunk: int = 64  # cross-attention segments cut to this many queries (pure-torch kernel padding)
+    query_chunk: int = 64  # cross-attention segments cut to this many queries (pads the pure-torch kernel)
+
+    @classmethod
+    def from_config(cls, data_cfg, micro_batch_size: int) -> Optional["PackingConfig"]:
+        """None when ``data.packing`` is off."""
+        if not data_cfg.packing:
+            return None
+        cfg = cls(max_tokens_per_row=int(data_cfg.max_tokens_per_row or data_cfg.max_tokens),
+                  rows_per_batch=int(micro_batch_size), lookahead=int(data_cfg.packing_lookahead))
+        cfg.validate(data_cfg.max_tokens)
+        return cfg
 
     def validate(self, max_tokens: Optional[int] = None) -> None:
-        for name in ("max_tokens_per_row", "rows_per_batch", "buffer_size"):
+        names = {"max_tokens_per_row": "data.max_tokens_per_row", "rows_per_batch": "train.micro_batch_size",
+                 "lookahead": "data.packing_lookahead"}
+        for name, where in names.items():
             if getattr(self, name) < 1:
-                raise DataError(f"data.packing.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lookahead_tokens", "max_delay", "max_samples_per_row", "max_samples_per_batch", "pad_to_multiple_of", "query_chunk"):
+                raise DataError(f"{where} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_delay", "pad_to_multiple_of", "query_chunk"):
             if getattr(self, name) < 0:
-                raise DataError(f"data.packing.{name} must be >= 0, got {getattr(self, name)}")
+                raise DataError(f"packing {name} must be >= 0, got {getattr(self, name)}")
         if max_tokens is not None and self.max_tokens_per_row < max_tokens:
-            raise DataError(f"data.packing.max_tokens_per_row={self.max_tokens_per_row} < data.max_tokens="
-                            f"{max_tokens}: a sample of max_tokens tokens would fit no row")
+            raise DataError(f"data.max_tokens_per_row={self.max_tokens_per_row} < data.max_tokens={max_tokens}: "
+                            "a sample of max_tokens tokens would fit no row")
 
 
 # ---------------------------------------------------------------------------------------------- samples
 
 
-def prepare_sample(sample: Optional[Mapping], token_ids, num_slots: int, max_windows: int, embed_dim: int,
-                   key: Hashable = None) -> Optional[dict]:
-    """A dataset sample -> what the packer holds: ids, AF1 labels, its own audio slots. None stays None."""
+def prepare_sample(sample: Optional[Mapping], tokens: SpecialTokens | Mapping[str, int], num_slots: int,
+                   max_windows: int, embed_dim: int, key: Hashable = None) -> Optional[dict]:
+    """A dataset sample -> what a packed row holds: ids, AF1 labels, its own audio slots. None stays None."""
     if sample is None:
         return None
     ids = torch.as_tensor(np.asarray(sample["input_ids"]), dtype=torch.long)
@@ -86,132 +98,221 @@ def prepare_sample(sample: Optional[Mapping], token_ids, num_slots: int, max_win
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory-mapped windows, only read
         fill_audio_slots(audio, amask, sample["windows"], sample["silence"], max_windows)
-    return {"key": key, "input_ids": ids, "labels": build_labels(ids, token_ids), "audio": audio,
+    return {"key": key, "input_ids": ids, "labels": build_labels(ids, SpecialTokens.of(tokens)), "audio": audio,
             "audio_mask": amask, "dataset": sample.get("dataset", ""), "length": int(ids.numel())}
 
 
-def supervised(prepared: Mapping) -> bool:
-    return bool((prepared["labels"][1:] != IGNORE_INDEX).any())
+def is_supervised(labels: torch.Tensor) -> bool:
+    return bool((labels[1:] != IGNORE_INDEX).any())
+
+
+class LengthView(Dataset):
+    """``dataset[key]`` reduced to ``(length, supervised)`` (None for a sample the dataset drops)."""
+
+    def __init__(self, dataset, tokens: SpecialTokens):
+        self.dataset, self.tokens = dataset, SpecialTokens.of(tokens)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        s = self.dataset[key]
+        if s is None:
+            return None
+        ids = torch.as_tensor(np.asarray(s["input_ids"]), dtype=torch.long)
+        return int(ids.numel()), is_supervised(build_labels(ids, self.tokens)) if ids.numel() else False
+
+
+def sample_lengths(dataset, keys: Sequence, tokens: SpecialTokens, num_workers: int = 0, chunk: int = 256,
+                   worker_init_fn: Optional[Callable] = None) -> Iterator[tuple[Any, Optional[int]]]:
+    """``(key, length)`` for ``keys`` in order; length None for a sample to leave out (dropped by the
+    dataset, or without any supervised token). Built in ``num_workers`` DataLoader workers."""
+    if not len(keys):
+        return
+    chunks = [list(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
+    loader = DataLoader(LengthView(dataset, tokens), batch_sampler=chunks, collate_fn=list, num_workers=num_workers,
+                        worker_init_fn=worker_init_fn if num_workers else None)
+    for ks, got in zip(chunks, loader):
+        for k, g in zip(ks, got):
+            yield k, (g[0] if g is not None and g[1] else None)
 
 
 # ---------------------------------------------------------------------------------------------- packer
 
 
 @dataclass
-class _Item:
-    key: Any
-    length: int
-    arrival: int
-    age: int = 0
-    payload: Any = field(default=None, repr=False)
-
-
-class StreamPacker:
-    """Bounded look-ahead first-fit-decreasing packing of a sample stream into micro-batches of rows."""
-
-    def __init__(self, cfg: PackingConfig):
-        cfg.validate()
-        self.cfg = cfg
-        self.buffer: list[_Item] = []
-        self.buffered_tokens = 0
-        self.arrivals = 0
-        self.emitted = 0
-        self.tokens = 0  # packed tokens so far (fill-rate statistics)
-        self.capacity = 0  # row capacity of the emitted micro-batches
-
-    def push(self, key, length: int, payload=None) -> None:
-        if length > self.cfg.max_tokens_per_row:
-            raise DataError(f"sample {key!r} has {length} tokens > data.packing.max_tokens_per_row="
-                            f"{self.cfg.max_tokens_per_row}")
-        if length < 1:
-            raise DataError(f"sample {key!r} has no tokens")
-        self.buffer.append(_Item(key, int(length), self.arrivals, 0, payload))
-        self.arrivals += 1
-        self.buffered_tokens += int(length)
-
-    @property
-    def lookahead_tokens(self) -> int:
-        c = self.cfg
-        return c.lookahead_tokens or 2 * c.rows_per_batch * c.max_tokens_per_row
-
-    def ready(self) -> bool:
-        return len(self.buffer) >= self.cfg.buffer_size or self.buffered_tokens >= self.lookahead_tokens
-
-    def emit(self) -> list[list[_Item]]:
-        """One micro-batch: a list of rows (each a list of items in placement order)."""
-        c = self.cfg
-        if not self.buffer:
-            return []
-        order = sorted(self.buffer, key=lambda it: (it.age < c.max_delay if c.max_delay else True,
-                                                    -it.length, it.arrival))
-        rows: list[list[_Item]] = [[] for _ in range(c.rows_per_batch)]
-        room = [c.max_tokens_per_row] * c.rows_per_batch
-        placed = 0
-        taken = set()
-        for it in order:
-            if c.max_samples_per_batch and placed >= c.max_samples_per_batch:
-                break
-            for r in range(c.rows_per_batch):
-                if room[r] >= it.length and not (c.max_samples_per_row and len(rows[r]) >= c.max_samples_per_row):
-                    rows[r].append(it)
-                    room[r] -= it.length
-                    placed += 1
-                    taken.add(it.arrival)
-                    break
-        self.buffer = [it for it in self.buffer if it.arrival not in taken]
-        self.buffered_tokens = sum(it.length for it in self.buffer)
-        for it in self.buffer:
-            it.age += 1
-        rows = [r for r in rows if r]
-        self.emitted += 1
-        self.tokens += sum(it.length for r in rows for it in r)
-        self.capacity += c.rows_per_batch * c.max_tokens_per_row
-        return rows
-
-    def flush(self) -> Iterator[list[list[_Item]]]:
-        while self.buffer:
-            yield self.emit()
+class PackStats:
+    samples: int = 0  # placed, duplicates included
+    duplicates: int = 0  # tail top-ups from the epoch's start
+    tokens: int = 0
+    capacity: int = 0  # rows x max_tokens_per_row of the emitted micro-batches
+    groups: int = 0
 
     @property
     def fill_rate(self) -> float:
         return self.tokens / self.capacity if self.capacity else float("nan")
 
-    def state_dict(self) -> dict:
-        return {"buffer": [[it.key, it.length, it.arrival, it.age] for it in self.buffer],
-                "arrivals": self.arrivals, "emitted": self.emitted, "tokens": self.tokens,
-                "capacity": self.capacity}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.buffer = [_Item(k, int(n), int(a), int(g)) for k, n, a, g in state["buffer"]]
-        self.buffered_tokens = sum(it.length for it in self.buffer)
-        self.arrivals, self.emitted = int(state["arrivals"]), int(state["emitted"])
-        self.tokens, self.capacity = int(state.get("tokens", 0)), int(state.get("capacity", 0))
+class GroupPacker:
+    """Bounded look-ahead first-fit-decreasing packing of a sample stream into groups of
+    ``world_size`` micro-batches (see the module docstring). Deterministic given the input order."""
+
+    def __init__(self, cfg: PackingConfig, world_size: int = 1):
+        cfg.validate()
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.cfg, self.world = cfg, int(world_size)
+        self.rows = self.world * cfg.rows_per_batch
+        self.buffer: list[list] = []  # [key, length, arrival, age]
+        self.buffered_tokens = 0
+        self.arrivals = 0
+        self.head: list[tuple[Any, int]] = []  # the first world_size samples: the tail's top-ups
+        self.stats = PackStats()
+
+    def push(self, key, length: int) -> None:
+        length = int(length)
+        if length > self.cfg.max_tokens_per_row:
+            raise DataError(f"sample {key!r} has {length} tokens > data.max_tokens_per_row="
+                            f"{self.cfg.max_tokens_per_row}")
+        if length < 1:
+            raise DataError(f"sample {key!r} has no tokens")
+        self.buffer.append([key, length, self.arrivals, 0])
+        self.arrivals += 1
+        self.buffered_tokens += length
+        if len(self.head) < self.world:
+            self.head.append((key, length))
+
+    def ready(self) -> bool:
+        return self.buffered_tokens >= self.cfg.lookahead * self.rows * self.cfg.max_tokens_per_row
+
+    def _place(self, order: list[list], spread: bool) -> list[list[list]]:
+        """First fit (or, ``spread``, the emptiest row that fits) into the group's rows."""
+        room = np.full(self.rows, self.cfg.max_tokens_per_row, dtype=np.int64)
+        rows: list[list[list]] = [[] for _ in range(self.rows)]
+        for it in order:
+            n = it[1]
+            if spread:
+                j = int(room.argmax())
+                if room[j] < n:
+                    continue
+            else:
+                fits = room >= n
+                j = int(fits.argmax())
+                if not fits[j]:
+                    continue
+            rows[j].append(it)
+            room[j] -= n
+        return rows
+
+    def emit(self) -> list[list[list]]:
+        """One group: ``world_size`` micro-batches, each a list of rows, each a list of keys."""
+        if not self.buffer:
+            return []
+        delay = self.cfg.max_delay
+        # overdue samples first, oldest first; then longest first, ties by arrival
+        order = sorted(self.buffer, key=lambda it: (0, it[2], 0) if delay and it[3] >= delay else (1, -it[1], it[2]))
+        rows = self._place(order, spread=False)
+        if sum(1 for r in rows if r) < self.world:  # the epoch's tail: spread so that every rank gets one
+            rows = self._place(order, spread=True)
+        used = [r for r in rows if r]
+        taken = {it[2] for r in used for it in r}
+        self.buffer = [it for it in self.buffer if it[2] not in taken]
+        self.buffered_tokens = sum(it[1] for it in self.buffer)
+        for it in self.buffer:
+            it[3] += 1
+        st = self.stats
+        st.groups += 1
+        st.samples += len(taken)
+        st.tokens += sum(it[1] for r in used for it in r)
+        st.capacity += len(used) * self.cfg.max_tokens_per_row
+        # deal the used rows round-robin: row i to rank i % world (a rank gets <= rows_per_batch rows)
+        return [[[it[0] for it in r] for r in used[k::self.world]] for k in range(self.world)]
+
+    def flush(self) -> Iterator[list[list[list]]]:
+        while self.buffer:
+            missing = self.world - len(self.buffer)
+            for i in range(max(0, missing)):  # top up with the epoch's first samples
+                key, n = self.head[i % len(self.head)]
+                self.buffer.append([key, n, self.arrivals, 0])
+                self.arrivals += 1
+                self.buffered_tokens += n
+                self.stats.duplicates += 1
+            yield self.emit()
+
+
+def plan_groups(samples: Iterable[tuple[Any, int]], cfg: PackingConfig, world_size: int = 1,
+                packer: Optional[GroupPacker] = None) -> Iterator[list[list[list]]]:
+    """Groups of ``world_size`` micro-batches for a stream of ``(key, length)``."""
+    p = packer or GroupPacker(cfg, world_size)
+    for key, n in samples:
+        p.push(key, n)
+        if p.ready():
+            yield p.emit()
+    yield from p.flush()
 
 
 def pack_lengths(lengths: Sequence[int], cfg: PackingConfig) -> list[list[list[int]]]:
-    """Plan of a whole length sequence (indices into ``lengths``): micro-batches of rows. For benchmarks
-    and tests; the loader streams the same algorithm through :class:`StreamPacker`."""
-    p = StreamPacker(cfg)
-    out = []
-    for i, n in enumerate(lengths):
-        p.push(i, int(n))
-        if p.ready():
-            out.append([[it.key for it in r] for r in p.emit()])
-    out.extend([[it.key for it in r] for r in rows] for rows in p.flush())
-    return out
+    """One process's micro-batches (lists of rows of indices into ``lengths``): benchmarks and tests."""
+    return [g[0] for g in plan_groups(enumerate(int(n) for n in lengths), cfg, 1)]
+
+
+@dataclass
+class RankPlan:
+    """This rank's packed micro-batches of one epoch and what packing the epoch did."""
+
+    batches: list[list[list]] = field(default_factory=list)  # micro-batch -> rows -> keys
+    stats: PackStats = field(default_factory=PackStats)
+    left_out: int = 0  # this rank's share of the samples left out (dropped, or nothing supervised)
+
+
+def plan_rank(lengths: Iterable[tuple[Any, Optional[int]]], cfg: PackingConfig, rank: int,
+              world_size: int) -> RankPlan:
+    """Pack the global stream ``(key, length or None)`` and keep rank ``rank``'s micro-batches. Left-out
+    samples are counted on the rank whose turn they were (i-th sample on rank i % world_size), so the
+    counts add up over ranks."""
+    plan = RankPlan()
+    packer = GroupPacker(cfg, world_size)
+
+    def kept():
+        for i, (key, n) in enumerate(lengths):
+            if n is None:
+                plan.left_out += int(i % world_size == rank)
+            else:
+                yield key, n
+
+    for group in plan_groups(kept(), cfg, world_size, packer):
+        plan.batches.append(group[rank])
+    plan.stats = packer.stats
+    return plan
+
+
+def pack_epoch(dataset, epoch: int, order: Sequence[int], tokens: SpecialTokens, cfg: PackingConfig, rank: int,
+               world_size: int, num_workers: int = 0, worker_init_fn: Optional[Callable] = None) -> RankPlan:
+    """Rank ``rank``'s packed micro-batches (rows of positions) of ``epoch``, whose global order is
+    ``order`` (positions of the epoch's blended list); ``dataset[(epoch, position)]`` builds a sample."""
+    lengths = sample_lengths(dataset, [(epoch, int(p)) for p in order], tokens, num_workers,
+                             worker_init_fn=worker_init_fn)
+    rp = plan_rank(lengths, cfg, rank, world_size)
+    rp.batches = [[[pos for _, pos in row] for row in mb] for mb in rp.batches]
+    st = rp.stats
+    log.info("packing epoch %d: %d samples (%d repeated to fill the last group) into %d micro-batches per rank of "
+             "<= %d rows x %d tokens, fill %.1f%%", epoch, st.samples, st.duplicates, len(rp.batches),
+             cfg.rows_per_batch, cfg.max_tokens_per_row, 100 * st.fill_rate)
+    return rp
 
 
 # ---------------------------------------------------------------------------------------------- collate
 
 
-def collate_packed(rows: Sequence[Sequence[Mapping]], token_ids, cfg: PackingConfig, windows_per_audio: int,
-                   build_layout: bool = True) -> dict:
+def collate_packed(rows: Sequence[Sequence[Mapping]], tokens: SpecialTokens | Mapping[str, int], cfg: PackingConfig,
+                   windows_per_audio: int, build_layout: bool = True) -> dict:
     """Rows of prepared samples -> the packed batch.
 
     ``input_ids``, ``labels``, ``attention_mask``, ``sample_index`` [R, T] (pad / -100 / 0 / -1 outside
     samples), ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L] (samples in row-major order),
-    ``layout`` (``megaflamingo.segments.PackedLayout``, built here on the host unless
+    ``layout`` (:class:`~megaflamingo.model.segments.PackedLayout`, built here on the host unless
     ``build_layout=False``), ``dataset`` (per sample), ``num_samples``, ``num_tokens``."""
+    tokens = SpecialTokens.of(tokens)
     R = len(rows)
     samples = [s for row in rows for s in row]
     if not samples:
@@ -221,7 +322,7 @@ def collate_packed(rows: Sequence[Sequence[Mapping]], token_ids, cfg: PackingCon
         raise DataError(f"a packed row holds {longest} tokens > max_tokens_per_row={cfg.max_tokens_per_row}")
     m = cfg.pad_to_multiple_of
     T = cfg.max_tokens_per_row if m == 0 else min(cfg.max_tokens_per_row, -(-longest // m) * m)
-    ids = torch.full((R, T), _pad_id(token_ids), dtype=torch.long)
+    ids = torch.full((R, T), tokens.pad, dtype=torch.long)
     labels = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
     sidx = torch.full((R, T), -1, dtype=torch.long)
     s = 0
@@ -243,82 +344,51 @@ def collate_packed(rows: Sequence[Sequence[Mapping]], token_ids, cfg: PackingCon
              "keys": [smp.get("key") for smp in samples], "num_samples": len(samples),
              "num_tokens": int((sidx >= 0).sum())}
     if build_layout:
-        from megaflamingo.segments import build_layout as _build
+        from megaflamingo.model.segments import build_layout as _build
 
-        batch["layout"] = _build(ids, sidx, amask, _media_id(token_ids), windows_per_audio,
+        batch["layout"] = _build(ids, sidx, amask, tokens.media, windows_per_audio,
                                  query_chunk=cfg.query_chunk or None)
     return batch
 
 
-# ---------------------------------------------------------------------------------------------- stream
+class PackedSamples(Dataset):
+    """Keys ``(epoch, position, row)`` -> the prepared sample of ``dataset[(epoch, position)]``, tagged
+    with its row (what :class:`PackedCollator` lays out)."""
+
+    def __init__(self, dataset, tokens: SpecialTokens, num_slots: int, max_windows: int, embed_dim: int):
+        self.dataset, self.tokens = dataset, SpecialTokens.of(tokens)
+        self.num_slots, self.max_windows, self.embed_dim = int(num_slots), int(max_windows), int(embed_dim)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, pos, row = key
+        smp = prepare_sample(self.dataset[(epoch, pos)], self.tokens, self.num_slots, self.max_windows,
+                             self.embed_dim, key=(int(epoch), int(pos)))
+        if smp is not None:
+            smp["row"] = int(row)
+        return smp
 
 
-class PackedBatchStream:
-    """Packed micro-batches from an ordered list of sample keys, resumable exactly.
+class PackedCollator:
+    """Prepared, row-tagged samples of one micro-batch -> the packed batch (``num_skipped`` counts samples
+    that came back None although the plan had them; a batch of none has zero rows)."""
 
-    ``fetch(keys)`` yields the prepared samples (:func:`prepare_sample`; None for a sample to drop) of
-    ``keys`` in order, e.g. from a DataLoader whose workers build and prepare them. Samples without any
-    supervised token are dropped (counted in ``skipped``), as the padded collator does."""
+    def __init__(self, tokens: SpecialTokens, cfg: PackingConfig, windows_per_audio: int):
+        self.tokens, self.cfg, self.windows_per_audio = SpecialTokens.of(tokens), cfg, int(windows_per_audio)
 
-    def __init__(self, keys: Sequence, fetch: Callable[[Sequence], Iterable[Optional[dict]]], cfg: PackingConfig,
-                 collate: Callable[[list[list[dict]]], dict], skip_unsupervised: bool = True):
-        self.keys = list(keys)
-        self.fetch = fetch
-        self.cfg = cfg
-        self.collate = collate
-        self.skip_unsupervised = skip_unsupervised
-        self.packer = StreamPacker(cfg)
-        self.cursor = 0  # keys consumed into the packer (or dropped)
-        self.skipped = 0
-        self._restored_buffer = False
-
-    def _take(self, key, smp) -> None:
-        if smp is None or (self.skip_unsupervised and not supervised(smp)):
-            self.skipped += 1
-            return
-        self.packer.push(key, smp["length"], smp)
-
-    def _batch(self, rows) -> dict:
-        return self.collate([[it.payload for it in row] for row in rows])
-
-    def __iter__(self) -> Iterator[dict]:
-        if self._restored_buffer:
-            # rebuild the buffer's samples from their keys (same keys -> same samples)
-            pending = [it for it in self.packer.buffer if it.payload is None]
-            for it, smp in zip(pending, self.fetch([it.key for it in pending])):
-                if smp is None or smp["length"] != it.length:
-                    raise DataError(f"cannot resume packing exactly: sample {it.key!r} rebuilt with "
-                                    f"{None if smp is None else smp['length']} tokens, saved {it.length}")
-                it.payload = smp
-            self._restored_buffer = False
-        for key, smp in zip(self.keys[self.cursor:], self.fetch(self.keys[self.cursor:])):
-            self.cursor += 1
-            self._take(key, smp)
-            if self.packer.ready():
-                yield self._batch(self.packer.emit())
-        for rows in self.packer.flush():
-            yield self._batch(rows)
-
-    @property
-    def fill_rate(self) -> float:
-        return self.packer.fill_rate
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "cursor": self.cursor, "skipped": self.skipped, "num_keys": len(self.keys),
-                "packer": self.packer.state_dict(), "config": asdict(self.cfg)}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"packing state version {state.get('version')!r} is not {STATE_VERSION}")
-        if state.get("config") != asdict(self.cfg):
-            raise DataError(f"cannot resume packing exactly: data.packing changed (saved {state.get('config')}, "
-                            f"now {asdict(self.cfg)})")
-        if int(state["num_keys"]) != len(self.keys):
-            raise DataError(f"cannot resume packing exactly: the epoch has {len(self.keys)} samples, saved "
-                            f"{state['num_keys']}")
-        self.cursor, self.skipped = int(state["cursor"]), int(state.get("skipped", 0))
-        self.packer.load_state_dict(state["packer"])
-        self._restored_buffer = bool(self.packer.buffer)
+    def __call__(self, samples: Sequence[Optional[Mapping]]) -> dict:
+        kept = [s for s in samples if s is not None]
+        skipped = len(samples) - len(kept)
+        if not kept:
+            return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "num_skipped": skipped}
+        rows: dict[int, list] = {}
+        for s in kept:
+            rows.setdefault(s["row"], []).append(s)
+        batch = collate_packed([rows[r] for r in sorted(rows)], self.tokens, self.cfg, self.windows_per_audio)
+        batch["num_skipped"] = skipped
+        return batch
 
 
 def unpack_samples(batch: Mapping) -> list[dict]:
@@ -333,3 +403,8 @@ def unpack_samples(batch: Mapping) -> list[dict]:
                     "labels": batch["labels"][r, a:a + n], "audio": batch["audio_embeds"][s],
                     "audio_mask": batch["audio_mask"][s]})
     return out
+
+
+def settings_signature(cfg: Optional[PackingConfig]) -> Optional[dict]:
+    """What a loader state records of the packing settings (resuming with other settings is refused)."""
+    return None if cfg is None else asdict(cfg)

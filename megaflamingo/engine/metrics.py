@@ -2,7 +2,7 @@
 concise log line. Only rank 0 writes; other ranks get a no-op logger.
 
 Tag names (tests read them back): ``train/loss``, ``train/loss/<dataset>``, ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/mfu``,
+``train/grad_norm``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/fill_rate``, ``train/mfu``,
 ``train/data_wait_s``, ``train/step_time_s``, ``train/peak_mem_gb``, ``train/nonfinite_skipped``,
 ``valid/loss``, ``valid/loss/<dataset>``.
 """

@@ -1,4 +1,4 @@
-"""Attention kernels behind the segment layout (``megaflamingo.segments``), picked by name.
+"""Attention kernels behind the segment layout (``megaflamingo.model.segments``), picked by name.
 
 Cross-attention (``segment_cross_attention``), q [Nq, H, dh] against the compacted keys k/v [Nkv, H, dh]:
 
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megaflamingo.segments import repeat_counts
+from .segments import repeat_counts
 
 XATTN_BACKENDS = ("auto", "dense", "segments", "varlen", "flex")
 

@@ -1,23 +1,20 @@
 """Running an AudioFlamingo on a segment layout: packed rows (several samples per row) or padded rows.
 
-``packed_forward(model, batch)`` is what ``AudioFlamingo.forward`` does, sample by sample, on a batch whose
-rows hold several samples (``megaflamingo.data.packing``) — or on an ordinary padded batch with the fused
-cross-attention:
+:func:`segment_forward` is what ``AudioFlamingo.forward(..., layout=)`` runs, sample by sample, on a
+batch whose rows hold several samples (``megaflamingo.data.packing``), or on an ordinary padded batch
+with the fused cross-attention:
 
 * audio: ``audio_embeds [S, L, D]`` (each sample its own ``max_num_fewshot * W`` slots); the audio
   transformer's batch dimension is the sample, so its attention never mixes samples (and still mixes all
   of a sample's slots, padding included, as AF1);
-* cross-attention: the fused layout of ``megaflamingo.segments`` (each token sees only its own
-  sample's slots, with AF1's visibility rule), kernel chosen by ``xattn_backend``;
-* LM self-attention: block-diagonal per sample with positions restarting per sample (OPT's learned
-  positions included), given to the HF LM in the form its attention implementation takes
-  (:func:`lm_attention_inputs`): a 4D block-causal mask for ``sdpa``/``eager``, ``cu_seq_lens_*`` +
-  ``position_ids`` (no mask) for ``flash_attention_2/3`` and for ``megaflamingo_varlen`` (registered by
-  :func:`register_varlen_attention`: torch's own varlen flash kernel on CUDA, SDPA elsewhere), a
-  BlockMask for ``flex_attention``;
-* loss: logits only at supervised positions (a boolean ``logits_to_keep``, as ``_supervised_loss``), or
-  the LM head fused into the cross-entropy (liger-kernel, CUDA) with ``loss_head="liger"``; per-sample
-  sums and counts always come back, the scalar follows ``weighting`` (:func:`reduce_loss`).
+* cross-attention: the fused layout of :mod:`.segments` (each token sees only its own sample's slots,
+  with AF1's visibility rule), kernel chosen by ``backend`` (:mod:`.attention_kernels`);
+* LM self-attention: block-diagonal per sample, positions restarting per sample (OPT's learned
+  positions included), in the form the LM's attention implementation takes (:mod:`.lm_attention`);
+* loss: logits only at supervised positions (a boolean ``logits_to_keep``, as the unpacked
+  ``loss_logits="supervised"`` path), or the LM head fused into the cross-entropy (liger-kernel, CUDA)
+  with ``loss_head="liger"``; per-sample sums and counts always come back, the scalar follows
+  ``weighting`` (:func:`~megaflamingo.model.loss.weighted_loss`).
 """
 from __future__ import annotations
 
@@ -27,131 +24,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_kernels import XATTN_BACKENDS, varlen_causal_attention
+from megaflamingo.tokens import IGNORE_INDEX
+
+from .attention_kernels import XATTN_BACKENDS
 from .injection import MEDIA_KWARG
-from megaflamingo.segments import PackedLayout, block_causal_mask
+from .lm_attention import check_lm_supports_packing, lm_attention_inputs
+from .loss import LOSS_LOGITS, LOSS_WEIGHTINGS, per_sample_sums, weighted_loss
+from .segments import PackedLayout
 from .xattn import MediaContext
 
-IGNORE_INDEX = -100
-VARLEN_IMPL = "megaflamingo_varlen"
-WEIGHTINGS = ("token", "sample")
 LOSS_HEADS = ("plain", "liger")
-_VARLEN_IMPLS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", VARLEN_IMPL)
 
 
 class PackedLoss(NamedTuple):
+    """What a segment-layout forward with labels returns (field-compatible with ``SupervisedLoss``)."""
+
     loss: torch.Tensor  # scalar, as ``weighting`` says
     loss_sum: torch.Tensor  # [S] float32 per-sample sum of token losses (detached)
     count: torch.Tensor  # [S] int64 per-sample number of supervised tokens
     logits: Optional[torch.Tensor] = None  # [R, T, V] with loss_logits="full"
 
 
-# ------------------------------------------------------------------------------------------ LM attention
-
-
-def _varlen_lm_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                         scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                         cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
-    """HF attention function: varlen causal attention when the call carries ``cu_seq_lens_*`` (a packed
-    batch), plain SDPA with HF's own mask otherwise (unpacked batches, generation)."""
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q:  # identity: no device sync per layer
-        raise ValueError("megaflamingo_varlen supports self-attention only (cu_seq_lens_k == cu_seq_lens_q)")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError("megaflamingo_varlen runs packed training batches: no KV cache")
-    out = varlen_causal_attention(query, key, value, cu_seq_lens_q, int(max_length_q), scaling,
-                                  dropout if module.training else 0.0)
-    return out, None
-
-
-@functools.lru_cache(maxsize=None)
-def register_varlen_attention() -> str:
-    """Register ``megaflamingo_varlen`` with transformers (attention function + SDPA mask builder) and
-    return its name; then ``lm.set_attn_implementation("megaflamingo_varlen")``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(VARLEN_IMPL, _varlen_lm_attention)
-    AttentionMaskInterface.register(VARLEN_IMPL, sdpa_mask)
-    return VARLEN_IMPL
-
-
-def check_lm_supports_packing(lm) -> None:
-    """Packed rows replace the LM's own mask: sliding-window layers would lose their window."""
-    cfg = lm.config
-    types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in types):
-        raise ValueError(f"packed batches: {type(lm).__name__} has non-full attention layers ({sorted(set(types))}); "
-                         "the block-diagonal packing mask supports full causal attention only (use data.packing=false)")
-
-
-def lm_attention_inputs(layout: PackedLayout, attn_implementation: Optional[str], dtype: torch.dtype) -> dict:
-    """The keyword arguments that make the HF LM attend block-diagonally per sample."""
-    impl = attn_implementation or "sdpa"
-    out = {"position_ids": layout.position_ids}
-    if impl in _VARLEN_IMPLS:
-        cu = layout.seq_cu.to(torch.int32)
-        out.update(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.seq_max,
-                   max_length_k=layout.seq_max)
-    elif impl == "flex_attention":
-        out["attention_mask"] = _flex_block_causal(layout)
-    elif impl == "sdpa":
-        out["attention_mask"] = block_causal_mask(layout)
-    elif impl == "eager":
-        m = block_causal_mask(layout)
-        out["attention_mask"] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(
-            ~m, torch.finfo(dtype).min)
-    else:
-        raise ValueError(f"packed batches: attention implementation {impl!r} is not supported (use sdpa, eager, "
-                         f"flex_attention, flash_attention_2/3 or {VARLEN_IMPL})")
-    return out
-
-
-def _flex_block_causal(layout: PackedLayout):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    seg = layout.segment_id
-
-    def mask_mod(b, h, q, k):
-        return (seg[b, q] == seg[b, k]) & (k <= q)
-
-    R, T = seg.shape
-    return create_block_mask(mask_mod, R, None, T, T, device=seg.device)
-
-
 # ------------------------------------------------------------------------------------------ loss
-
-
-def _per_sample(tok: torch.Tensor, tok_sample: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample sums of token losses that arrive grouped by sample (row-major order): deterministic
-    (a float64 running sum differenced at the group ends, no atomics)."""
-    count = torch.bincount(tok_sample, minlength=S)
-    ends = torch.cumsum(count, 0)
-    csum = torch.cat([tok.new_zeros(1, dtype=torch.float64), torch.cumsum(tok.detach().double(), 0)])
-    return (csum[ends] - csum[ends - count]).float(), count
-
-
-def reduce_loss(tok: torch.Tensor, tok_sample: torch.Tensor, count: torch.Tensor, weighting: str = "token",
-                normalizer: Optional[float] = None) -> torch.Tensor:
-    """The scalar to back-propagate from token losses ``tok`` [N] of samples ``tok_sample`` [N].
-
-    * ``token``  (default; what the unpacked trainer does): sum of token losses / number of supervised
-      tokens of the micro-batch, or / ``normalizer`` (e.g. the supervised tokens of the whole optimizer
-      step, which makes the step's gradient independent of how samples were grouped into micro-batches:
-      pass ``normalizer = step_tokens / gradient_accumulation_steps`` since DeepSpeed divides by it);
-    * ``sample`` every sample with a supervised token weighs the same (mean of per-sample means)."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if weighting == "token":
-        denom = float(normalizer) if normalizer is not None else count.sum().clamp(min=1)
-        return tok.sum() / denom
-    n = (count > 0).sum().clamp(min=1)
-    w = 1.0 / (count.clamp(min=1)[tok_sample].to(tok.dtype) * n)
-    return (tok * w).sum()
 
 
 def _check_labels(labels: torch.Tensor, layout: PackedLayout, check: bool = True) -> torch.Tensor:
@@ -200,30 +94,39 @@ def _check_batch(model, input_ids, audio_embeds, audio_mask, layout: PackedLayou
             raise ValueError(f"audio_embeds contain NaN/inf for packed sample(s) {bad.nonzero().flatten().tolist()}")
 
 
-def packed_forward(model, batch: dict, *, xattn_backend: str = "auto", loss_logits: str = "supervised",
-                   weighting: str = "token", normalizer: Optional[float] = None, loss_head: str = "plain"
-                   ) -> PackedLoss:
-    """Loss of a packed (or padded, with a layout) batch: ``input_ids``, ``labels`` [R, T],
-    ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L], ``layout`` (a PackedLayout on the model's device).
-
-    Pass the AudioFlamingo module itself (under DeepSpeed: ``engine.module``, called inside the engine's
-    forward, or through a forward that calls this function, so ZeRO-3 hooks fire)."""
-    if xattn_backend not in XATTN_BACKENDS:
-        raise ValueError(f"xattn_backend must be one of {XATTN_BACKENDS}, got {xattn_backend!r}")
-    if loss_logits not in ("full", "supervised"):
-        raise ValueError(f"loss_logits must be 'full' or 'supervised', got {loss_logits!r}")
-    if loss_head not in LOSS_HEADS:
-        raise ValueError(f"loss_head must be one of {LOSS_HEADS}, got {loss_head!r}")
-    input_ids, labels, layout = batch["input_ids"], batch["labels"], batch["layout"]
-    audio_embeds, audio_mask = batch["audio_embeds"], batch["audio_mask"]
+def _context(model, input_ids, audio_embeds, audio_mask, layout: PackedLayout, backend: str):
     _check_batch(model, input_ids, audio_embeds, audio_mask, layout)
-    keep = _check_labels(labels, layout, model.check_inputs)
     media = model.encode_audio(audio_embeds)
-    ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=audio_mask.bool(), backend=xattn_backend)
+    ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=audio_mask.bool(), backend=backend)
     lm = model.lang_encoder
     check_lm_supports_packing(lm)
-    lm_kw = lm_attention_inputs(layout, getattr(lm.config, "_attn_implementation", None), media.dtype)
-    S = layout.num_samples
+    return ctx, lm_attention_inputs(layout, getattr(lm.config, "_attn_implementation", None), media.dtype)
+
+
+def segment_forward(model, input_ids: torch.Tensor, audio_embeds: torch.Tensor, audio_mask: torch.Tensor,
+                    layout: PackedLayout, labels: Optional[torch.Tensor] = None, *, backend: str = "auto",
+                    loss_logits: str = "supervised", weighting: str = "token", loss_head: str = "plain"):
+    """``input_ids``/``labels`` [R, T], ``audio_embeds`` [S, L, D], ``audio_mask`` [S, L], ``layout`` on the
+    model's device. Without labels: the logits [R, T, V]. With labels: a :class:`PackedLoss`.
+
+    ``model`` is the AudioFlamingo itself, called from inside its ``forward`` (so that under DeepSpeed the
+    engine's ``__call__`` runs it and ZeRO-3 hooks fire)."""
+    if backend not in XATTN_BACKENDS:
+        raise ValueError(f"xattn backend must be one of {XATTN_BACKENDS}, got {backend!r}")
+    if loss_logits not in LOSS_LOGITS:
+        raise ValueError(f"loss_logits must be one of {LOSS_LOGITS}, got {loss_logits!r}")
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    if loss_head not in LOSS_HEADS:
+        raise ValueError(f"loss_head must be one of {LOSS_HEADS}, got {loss_head!r}")
+    ctx, lm_kw = _context(model, input_ids, audio_embeds, audio_mask, layout, backend)
+    lm = model.lang_encoder
+    if labels is None:
+        if loss_head != "plain":
+            raise ValueError(f"loss_head={loss_head!r} needs labels")
+        out = lm(input_ids=input_ids, **{MEDIA_KWARG: ctx}, **lm_kw)
+        return out.logits if hasattr(out, "logits") else out[0]
+    keep = _check_labels(labels, layout, model.check_inputs)
     tok_sample = layout.sample_index[keep]
     targets = labels[:, 1:][keep[:, :-1]]
     logits_full = None
@@ -234,32 +137,14 @@ def packed_forward(model, batch: dict, *, xattn_backend: str = "auto", loss_logi
         logits = out.logits if hasattr(out, "logits") else out[0]
         if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
             raise ValueError(f"{type(lm).__name__} ignored a boolean logits_to_keep (logits {tuple(logits.shape)} for "
-                             f"{targets.shape[0]} supervised positions); use loss_logits='full'")
+                             f"{targets.shape[0]} supervised positions); use train.loss_logits: full")
         tok = F.cross_entropy(logits.float(), targets, reduction="none")
     else:
         out = lm(input_ids=input_ids, **{MEDIA_KWARG: ctx}, **lm_kw)
         logits_full = out.logits if hasattr(out, "logits") else out[0]
         tok = F.cross_entropy(logits_full[keep].float(), targets, reduction="none")
-    loss_sum, count = _per_sample(tok, tok_sample, S)
-    loss = reduce_loss(tok, tok_sample, count, weighting, normalizer)
-    return PackedLoss(loss, loss_sum, count, logits_full)
-
-
-def packed_logits(model, batch: dict, *, xattn_backend: str = "auto") -> torch.Tensor:
-    """Full logits [R, T, V] of a packed batch (no loss): for tests and evaluation."""
-    layout = batch["layout"]
-    _check_batch(model, batch["input_ids"], batch["audio_embeds"], batch["audio_mask"], layout)
-    media = model.encode_audio(batch["audio_embeds"])
-    ctx = MediaContext(media=media, segments=layout.xattn, audio_mask=batch["audio_mask"].bool(),
-                       backend=xattn_backend)
-    lm = model.lang_encoder
-    check_lm_supports_packing(lm)
-    lm_kw = lm_attention_inputs(layout, getattr(lm.config, "_attn_implementation", None), media.dtype)
-    out = lm(input_ids=batch["input_ids"], **{MEDIA_KWARG: ctx}, **lm_kw)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-# ------------------------------------------------------------------------------------------ fused head
+    loss_sum, count = per_sample_sums(tok, tok_sample, layout.num_samples)
+    return PackedLoss(weighted_loss(tok, tok_sample, count, weighting), loss_sum, count, logits_full)
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,37 +186,3 @@ def _liger_token_losses(lm, input_ids, keep, targets, ctx, lm_kw) -> torch.Tenso
         with deepspeed.zero.GatheredParameters([w] + ([b] if b is not None else [])):
             return loss_fn(w, h, targets, b).float()
     return loss_fn(w, h, targets, b).float()
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-
-
-def packed_flops(spec, layout: PackedLayout, head_rows: Optional[int] = None) -> float:
-    """Model FLOPs of a packed batch under the project's convention (``engine.flops.FlopSpec``): weight
-    matrices on every position of the R x T rows (padding included: the hardware computes them) and on
-    the S x L audio slots; LM attention per sequence segment (sum of n^2, what a varlen kernel computes;
-    a block-masked dense kernel computes R T^2 but the extra work is masked out); xattn attention over L
-    slots per position, as for unpacked batches."""
-    R, T, S = layout.rows, layout.seq_len, layout.num_samples
-    L = layout.xattn.num_slots
-    lens = (layout.seq_cu[1:] - layout.seq_cu[:-1]).double()
-    attn_lm = 12.0 * spec.lm_width * spec.lm_layers * float((lens * lens).sum())
-    per_text = spec.text_linear + 12.0 * L * spec.xattn_inner * spec.xattn_blocks
-    per_slot = spec.audio_linear + 12.0 * L * spec.audio_width * spec.audio_layers
-    rows = R * T if head_rows is None else head_rows
-    return R * T * per_text + attn_lm + S * L * per_slot + rows * spec.head_linear
-
-
-class PackedTrainModule(torch.nn.Module):
-    """``packed_forward`` behind a module ``forward``, so that a DeepSpeed engine built around it runs the
-    packed step through its own ``__call__`` (ZeRO-3 gathers in module hooks). Submodule names are the
-    AudioFlamingo's under ``flamingo.``; checkpoint the inner model, not this wrapper."""
-
-    def __init__(self, flamingo, xattn_backend: str = "auto", weighting: str = "token", loss_head: str = "plain"):
-        super().__init__()
-        self.flamingo = flamingo
-        self.xattn_backend, self.weighting, self.loss_head = xattn_backend, weighting, loss_head
-
-    def forward(self, batch: dict, normalizer: Optional[float] = None) -> PackedLoss:
-        return packed_forward(self.flamingo, batch, xattn_backend=self.xattn_backend, weighting=self.weighting,
-                              normalizer=normalizer, loss_head=self.loss_head)

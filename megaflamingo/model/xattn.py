@@ -13,7 +13,7 @@ becomes a uniform average over all L slots. SDPA would return 0 (bool mask) or N
 so we zero the query of such rows and unmask the whole row: q = 0 gives equal logits, hence the same
 uniform average, with no branch and no extra kernel.
 
-With ``MediaContext.segments`` set (the fused layout of ``megaflamingo.segments``: packed rows, or padded
+With ``MediaContext.segments`` set (the fused layout of ``megaflamingo.model.segments``: packed rows, or padded
 rows run sample by sample) the attention branch goes through ``attention_kernels.segment_cross_attention``
 instead: varlen segments over the compacted valid slots, same math, kernel picked by ``MediaContext.backend``.
 """
@@ -58,7 +58,7 @@ class MediaContext:
     mask: Optional[torch.Tensor] = None  # [B, 1, T, L] bool (SDPA convention: True = attend)
     has_any: Optional[torch.Tensor] = None  # [B, T] bool; rows without any visible slot get the AF1 uniform average
     kv_memo: Optional[dict] = field(default=None)  # layer index -> (k, v), reused across decoding steps
-    # Fused layout (megaflamingo.segments.CrossAttentionSegments): when set, mask/has_any are unused,
+    # Fused layout (megaflamingo.model.segments.CrossAttentionSegments): when set, mask/has_any are unused,
     # the batch may hold several samples per row and ``backend`` picks the kernel (attention_kernels).
     segments: Optional[object] = None
     audio_mask: Optional[torch.Tensor] = None  # [S, L]; only the dense reference backend reads it

@@ -1,7 +1,8 @@
-"""Packed batches (several samples per row, megaflamingo.data.packing + model.packed) against the unpacked
-model path (today's Collator + AudioFlamingo.forward, SDPA-dense cross-attention): per-sample logits,
-per-sample loss sums and counts, the micro-batch loss and the trainable gradients, for OPT, Llama and
-Qwen2, with 1-shot and 8-shot samples (AF1 text layout, AF1 labels) mixed in a row."""
+"""Packed batches (several samples per row: megaflamingo.data.packing + AudioFlamingo.forward(layout=))
+against the unpacked model path (the padded Collator + AudioFlamingo.forward with SDPA-dense
+cross-attention): per-sample logits, per-sample loss sums and counts, the micro-batch loss and the
+trainable gradients, for OPT, Llama and Qwen2, with 1-shot and 8-shot samples (AF1 text layout, AF1
+labels) mixed in a row."""
 import numpy as np
 import pytest
 import torch
@@ -9,10 +10,10 @@ import torch
 from megaflamingo.compat import af1
 from megaflamingo.data.collate import Collator
 from megaflamingo.data.packing import PackingConfig, collate_packed, pack_lengths, prepare_sample, unpack_samples
-from megaflamingo.engine.trainer import token_losses
 from megaflamingo.model import apply_freeze_policy
-from megaflamingo.model.packed import VARLEN_IMPL, packed_forward, packed_logits, register_varlen_attention
-from megaflamingo.segments import layout_for_padded_batch, unpack_rows
+from megaflamingo.model.lm_attention import VARLEN_IMPL, register_varlen_attention
+from megaflamingo.model.loss import token_losses
+from megaflamingo.model.segments import build_layout, unpack_rows
 
 from megaflamingo.testing import tiny_llama_config, tiny_opt_config, tiny_qwen2_config
 
@@ -57,9 +58,9 @@ def make_samples(n, seed=0, p_fewshot=0.3):
     return out
 
 
-def packed_batch(samples, max_tokens_per_row, rows_per_batch=8, buffer_size=64):
-    cfg = PackingConfig(max_tokens_per_row=max_tokens_per_row, rows_per_batch=rows_per_batch,
-                        buffer_size=buffer_size, pad_to_multiple_of=8, query_chunk=8)
+def packed_batch(samples, max_tokens_per_row, rows_per_batch=8):
+    cfg = PackingConfig(max_tokens_per_row=max_tokens_per_row, rows_per_batch=rows_per_batch, pad_to_multiple_of=8,
+                        query_chunk=8)
     prepared = [prepare_sample(s, TOK, WPA * SHOTS, WPA, D_AUDIO, key=i) for i, s in enumerate(samples)]
     plan = pack_lengths([p["length"] for p in prepared], cfg)
     assert len(plan) == 1, "the test wants all samples in one micro-batch"
@@ -69,6 +70,19 @@ def packed_batch(samples, max_tokens_per_row, rows_per_batch=8, buffer_size=64):
 
 def unpacked_batch(samples):
     return Collator(TOK, WPA * SHOTS, WPA, D_AUDIO)(samples)
+
+
+def packed_forward(model, pb, backend="segments", **kw):
+    """The trainer's call on a packed batch: forward(..., layout=) with the per-sample loss."""
+    model.xattn_backend = backend
+    return model(pb["input_ids"], pb["attention_mask"], pb["audio_embeds"], pb["audio_mask"], labels=pb["labels"],
+                 loss_logits=kw.pop("loss_logits", "supervised"), layout=pb["layout"], **kw)
+
+
+def packed_logits(model, pb, backend="segments"):
+    model.xattn_backend = backend
+    return model(pb["input_ids"], pb.get("attention_mask"), pb["audio_embeds"], pb["audio_mask"],
+                 layout=pb["layout"]).logits
 
 
 def _grads(model):
@@ -110,7 +124,7 @@ def test_packed_equals_unpacked(arch, attn, policy):
         assert torch.equal(s["labels"], ub["labels"][k, :n])
         assert torch.equal(s["audio"], ub["audio_embeds"][k]) and torch.equal(s["audio_mask"], ub["audio_mask"][k])
 
-    res = packed_forward(model, pb, xattn_backend="segments")
+    res = packed_forward(model, pb, "segments")
     res.loss.backward()
     g_pk = _grads(model)
     assert res.count.tolist() == ref_count.tolist() and int(res.count.sum()) > 12
@@ -124,7 +138,7 @@ def test_packed_equals_unpacked(arch, attn, policy):
         torch.testing.assert_close(g_pk[n], g_ref[n], atol=1e-5 * top, rtol=1e-4, msg=n)
 
     with torch.no_grad():
-        logits = packed_logits(model, pb, xattn_backend="dense")
+        logits = packed_logits(model, pb, "dense")
         for k, piece in enumerate(unpack_rows(logits, pb["layout"])):
             n = piece.shape[0]
             assert (piece - out.logits[k, :n]).abs().max() <= 1e-5, f"sample {k}"
@@ -132,24 +146,30 @@ def test_packed_equals_unpacked(arch, attn, policy):
 
 @pytest.mark.parametrize("arch", ["opt", "qwen2"])
 def test_fused_xattn_on_padded_batch_matches_dense(arch):
-    """The fused layout is also the unpacked path: same logits as today's dense xattn on a padded batch."""
+    """The fused layout is also the unpacked path: a model whose xattn backend is not dense runs padded
+    batches through it (layout built per call): same logits and per-row losses as the dense path."""
     model = build(arch).eval()
     samples = make_samples(5, seed=7, p_fewshot=0.5)
     ub = unpacked_batch(samples)
-    lay = layout_for_padded_batch(ub["input_ids"], ub["attention_mask"], ub["audio_mask"], TOK["media"], WPA, 8)
+    args = (ub["input_ids"], ub["attention_mask"], ub["audio_embeds"], ub["audio_mask"])
     with torch.no_grad():
-        ref = model(ub["input_ids"], ub["attention_mask"], ub["audio_embeds"], ub["audio_mask"]).logits
-        got = packed_logits(model, dict(ub, layout=lay), xattn_backend="segments")
+        ref = model(*args).logits
+        ref_sup = model(*args, labels=ub["labels"], loss_logits="supervised")
+        model.xattn_backend = "segments"
+        got = model(*args).logits
+        got_sup = model(*args, labels=ub["labels"], loss_logits="supervised")
     real = ub["attention_mask"].bool()
     assert (got[real] - ref[real]).abs().max() <= 1e-5
+    torch.testing.assert_close(got_sup.loss_sum, ref_sup.loss_sum, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_sup.count, ref_sup.count)
 
 
 def test_sample_weighting_and_errors():
     model = build("opt").train()
     samples = make_samples(6, seed=3)
     pb, _ = packed_batch(samples, max_tokens_per_row=128, rows_per_batch=4)
-    res_t = packed_forward(model, pb, xattn_backend="segments")
-    res_s = packed_forward(model, pb, xattn_backend="segments", weighting="sample")
+    res_t = packed_forward(model, pb)
+    res_s = packed_forward(model, pb, loss_weighting="sample")
     per = res_t.loss_sum / res_t.count
     torch.testing.assert_close(res_s.loss.detach(), per.mean(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(res_t.loss.detach(), res_t.loss_sum.sum() / res_t.count.sum(), atol=1e-6, rtol=1e-6)
@@ -162,7 +182,6 @@ def test_sample_weighting_and_errors():
     with pytest.raises(ValueError, match="holds 5 samples"):
         packed_forward(model, dict(pb, audio_embeds=pb["audio_embeds"][:5], audio_mask=pb["audio_mask"][:5]))
     noaudio = dict(pb, input_ids=pb["input_ids"].masked_fill(pb["input_ids"] == TOK["media"], 5))
-    from megaflamingo.segments import build_layout
     noaudio["layout"] = build_layout(noaudio["input_ids"], pb["sample_index"], pb["audio_mask"], TOK["media"], WPA)
     with pytest.raises(ValueError, match="contain no <audio> token"):
         packed_forward(model, noaudio)

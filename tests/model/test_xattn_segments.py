@@ -1,11 +1,11 @@
-"""The fused cross-attention layout (megaflamingo.segments + attention_kernels) against today's
+"""The fused cross-attention layout (megaflamingo.model.segments + attention_kernels) against today's
 SDPA-dense block (media_visibility mask), on random batches: text before the first <audio>, invalid
 windows (also non-prefix patterns), AF1's fully-masked uniform rows, padding, several samples per row."""
 import pytest
 import torch
 
 from megaflamingo.model.attention_kernels import segment_cross_attention
-from megaflamingo.segments import LayoutError, build_layout, layout_for_padded_batch
+from megaflamingo.model.segments import LayoutError, build_layout, layout_for_padded_batch
 from megaflamingo.model.xattn import GatedCrossAttentionBlock, MediaContext, media_visibility
 
 MEDIA, W = 7, 4

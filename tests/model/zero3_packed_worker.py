@@ -2,18 +2,18 @@
 
 Every rank builds the same tiny AudioFlamingo and the same packed batch (1-shot and 8-shot samples mixed
 in rows), records the single-process packed loss, per-sample sums and trainable gradients, then wraps the
-model in PackedTrainModule under DeepSpeed ZeRO-3 (gloo, CPU, fp32) and redoes them with the parameters
-partitioned across the 2 ranks. Rank 0 writes the max differences to OUT_JSON.
+model in a DeepSpeed ZeRO-3 engine (gloo, CPU, fp32) and redoes them through the engine's forward
+(``layout=``, as the trainer calls it) with the parameters partitioned across the 2 ranks. Rank 0 writes
+the max differences to OUT_JSON.
 """
 import json
 import sys
 
 import torch
 
-from test_packing_equivalence import build, make_samples, packed_batch  # tests/model is sys.path[0]
+from test_packing_equivalence import build, make_samples, packed_batch, packed_forward  # tests/model is sys.path[0]
 
 from megaflamingo.model import apply_freeze_policy
-from megaflamingo.model.packed import PackedTrainModule, packed_forward
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     model = build("llama").train()
     apply_freeze_policy(model, "pretrain")
     pb, _ = packed_batch(make_samples(10, seed=11), max_tokens_per_row=128, rows_per_batch=4)
-    ref = packed_forward(model, pb, xattn_backend="segments")
+    ref = packed_forward(model, pb, "segments")
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -38,14 +38,14 @@ def main():
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 2000},
            "steps_per_print": 10 ** 6}
-    wrapper = PackedTrainModule(model, xattn_backend="segments")
-    engine, *_ = deepspeed.initialize(model=wrapper, config=cfg,
-                                      model_parameters=[p for p in wrapper.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
     partitioned = sum(int(p.numel() == 0) for p in engine.module.parameters())
-    out = engine(pb)
+    out = engine(pb["input_ids"], pb["attention_mask"], pb["audio_embeds"], pb["audio_mask"], labels=pb["labels"],
+                 loss_logits="supervised", layout=pb["layout"])
     engine.backward(out.loss)
     gdiff = 0.0
-    for n, p in engine.module.flamingo.named_parameters():
+    for n, p in engine.module.named_parameters():
         if p.requires_grad:
             g = safe_get_full_grad(p)
             gdiff = max(gdiff, float((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-3)))

@@ -64,6 +64,9 @@ class CrossAttentionSegments:
     def to(self, device, non_blocking: bool = False) -> "CrossAttentionSegments":
         return _to(self, device, non_blocking)
 
+    def pin_memory(self) -> "CrossAttentionSegments":
+        return _pin(self)
+
 
 @dataclass
 class PackedLayout:
@@ -86,6 +89,10 @@ class PackedLayout:
     def to(self, device, non_blocking: bool = False) -> "PackedLayout":
         return _to(self, device, non_blocking)
 
+    def pin_memory(self) -> "PackedLayout":
+        """Called by DataLoader(pin_memory=True), so the host-to-GPU copies are asynchronous too."""
+        return _pin(self)
+
     @property
     def is_packed(self) -> bool:
         return self.num_samples != self.rows
@@ -99,6 +106,15 @@ def _to(obj, device, non_blocking):
             changes[f.name] = v.to(device, non_blocking=non_blocking)
         elif hasattr(v, "to") and isinstance(v, (CrossAttentionSegments, PackedLayout)):
             changes[f.name] = v.to(device, non_blocking)
+    return replace(obj, **changes)
+
+
+def _pin(obj):
+    changes = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor) or isinstance(v, (CrossAttentionSegments, PackedLayout)):
+            changes[f.name] = v.pin_memory()
     return replace(obj, **changes)
 
 
