@@ -17,7 +17,7 @@ bench/bench_packing.py):
   packed/varlen/fused+zero3  the same step under DeepSpeed ZeRO-3 on one GPU (only if deepspeed imports)
 
 Per variant: median step time, samples/s, non-pad tokens/s, MFU by the project's FLOP count
-(megaflamingo/engine/flops.py; packed batches via megaflamingo.model.packed.packed_flops), peak memory.
+(megaflamingo/engine/flops.py: FlopSpec.per_batch / per_packed_batch), peak memory.
 Also: the per-sample loss of packed vs unpacked (bf16), and one xattn block alone on a packed batch with
 each kernel (dense / segments / varlen / flex compiled). Everything that cannot run here is recorded
 with the reason, and a failing variant records its error and the suite goes on. ``--cpu-smoke`` runs
@@ -78,20 +78,21 @@ def env_report() -> dict:
 def build_model(shape: dict, device, dtype):
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from megaflamingo.model import AudioFlamingo, apply_freeze_policy
+    from megaflamingo.model import AudioFlamingo, AudioTransformerConfig, ModelConfig, XattnConfig, apply_freeze_policy
 
     bp = _bench_packing()
     s = shape
     cfg = OPTConfig(vocab_size=50272, hidden_size=s["hidden"], num_hidden_layers=s["layers"], ffn_dim=s["ffn"],
                     num_attention_heads=s["heads"], word_embed_proj_dim=s["hidden"], dropout=0.0,
                     attention_dropout=0.0, max_position_embeddings=2048)
+    mcfg = ModelConfig(audio_embed_dim=bp.D, max_num_window=bp.W, max_num_fewshot=bp.SHOTS,
+                       audio_transformer=AudioTransformerConfig(n_head=s["audio_n_head"], n_layers=s["audio_layers"],
+                                                                d_inner=s["audio_inner"], dropout=0.0),
+                       xattn=XattnConfig(heads=s["xheads"], dim_head=s["xdim"]))
     torch.manual_seed(0)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-        model = AudioFlamingo(lm, bp.TOKS, audio_embed_dim=bp.D, windows_per_audio=bp.W, max_num_fewshot=bp.SHOTS,
-                              audio_n_head=s["audio_n_head"], audio_n_layers=s["audio_layers"],
-                              audio_d_inner=s["audio_inner"], audio_attn_dropout=0.0, xattn_heads=s["xheads"],
-                              xattn_dim_head=s["xdim"])
+        model = AudioFlamingo(lm, bp.TOKS, mcfg)
     model.to(dtype)
     with torch.no_grad():
         for b in model.xattn_blocks():
@@ -133,7 +134,7 @@ def make_batches(samples, rows: int, device, dtype):
     lengths = [len(s["input_ids"]) for s in samples]
     packed = []
     for plan in pack_lengths(lengths, cfg):
-        rows_ = [[prepare_sample(samples[i], bp.TOKS, bp.SHOTS * bp.W, bp.W, bp.D, key=i) for i in r] for r in plan]
+        rows_ = [[prepare_sample(samples[i], bp.SHOTS * bp.W, bp.W, bp.D, key=i) for i in r] for r in plan]
         packed.append(to_device(collate_packed(rows_, bp.TOKS, cfg, bp.W), device, dtype))
     return unpacked, packed
 
@@ -143,20 +144,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _loss_fn(model, variant: str):
-    from megaflamingo.model.packed import packed_forward
-
+def _loss_fn(model, variant: str, engine=None):
+    """The trainer's call for a variant: ``forward(..., layout=)`` (packed rows, or the fused layout of a
+    padded batch) or the dense unpacked path; through the DeepSpeed engine when there is one."""
     packed, lm, xattn = variant.split("/")[:3]
     xattn, _, extra = xattn.partition("+")
-    backend = "dense" if xattn == "dense" else "auto"
+    model.xattn_backend = "dense" if xattn == "dense" else "auto"
     head = "liger" if extra == "liger" else "plain"
+    call = engine if engine is not None else model
 
     def fn(batch):
-        if packed == "unpacked" and xattn == "dense":
-            out = model.supervised_loss(batch["input_ids"], batch["attention_mask"], batch["audio_embeds"],
-                                        batch["audio_mask"], batch["labels"])
-            return out.loss, out.loss_sum, out.count
-        out = packed_forward(model, batch, xattn_backend=backend, loss_head=head)
+        layout = None if (packed == "unpacked" and xattn == "dense") else batch["layout"]
+        out = call(batch["input_ids"], batch["attention_mask"], batch["audio_embeds"], batch["audio_mask"],
+                   labels=batch["labels"], loss_logits="supervised", layout=layout, loss_head=head)
         return out.loss, out.loss_sum, out.count
 
     return fn
@@ -167,14 +167,14 @@ LM_IMPL = {"sdpa": "sdpa", "flash2": "flash_attention_2", "varlen": "megaflaming
 
 def run_variant(model, opt, variant: str, batches: list, device, flops_fn, peak: float, steps: int, warmup: int,
                 engine=None) -> dict:
-    from megaflamingo.model.packed import register_varlen_attention
+    from megaflamingo.model.lm_attention import register_varlen_attention
 
     lm_name = variant.split("/")[1]
     if lm_name == "varlen":
         register_varlen_attention()
-    target = engine.module.flamingo if engine is not None else model
+    target = engine.module if engine is not None else model
     target.lang_encoder.set_attn_implementation(LM_IMPL[lm_name])
-    fn = _loss_fn(target, variant)
+    fn = _loss_fn(target, variant, engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, per_sample = [], {}
@@ -185,8 +185,7 @@ def run_variant(model, opt, variant: str, batches: list, device, flops_fn, peak:
         _sync(device)
         t0 = time.perf_counter()
         if engine is not None:
-            out = engine(b)
-            loss, ls, cnt = out.loss, out.loss_sum, out.count
+            loss, ls, cnt = fn(b)
             engine.backward(loss)
             engine.step()
         else:
@@ -286,7 +285,6 @@ def main() -> None:
         out_path.write_text(json.dumps(res, indent=1))
 
     from megaflamingo.engine.flops import device_peak_flops, flop_spec
-    from megaflamingo.model.packed import packed_flops
 
     bp = _bench_packing()
     n = args.samples or (8 if smoke else 120)
@@ -305,7 +303,7 @@ def main() -> None:
     def flops_fn(b):
         head = int((b["labels"][:, 1:] != -100).sum())
         if b["layout"].is_packed:
-            return packed_flops(spec, b["layout"], head)
+            return spec.per_packed_batch(b["layout"], head)
         B, T = b["input_ids"].shape
         return spec.per_batch(B, T, b["audio_embeds"].shape[1], head)
 
@@ -389,8 +387,6 @@ def main() -> None:
 def run_zero3(model, packed, device, flops_fn, peak, args) -> dict:
     import deepspeed
 
-    from megaflamingo.model.packed import PackedTrainModule
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.setdefault("RANK", "0")
@@ -401,9 +397,8 @@ def run_zero3(model, packed, device, flops_fn, peak, args) -> dict:
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    wrapper = PackedTrainModule(model, xattn_backend="auto")
-    engine, *_ = deepspeed.initialize(model=wrapper, config=cfg,
-                                      model_parameters=[p for p in wrapper.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
     steps = args.steps or len(packed)
     r, _ = run_variant(None, None, "packed/varlen/fused", packed, device, flops_fn, peak, steps, args.warmup,
                        engine=engine)

@@ -24,7 +24,8 @@ from megaflamingo.tokens import SpecialTokens
 
 from .blending import EpochPlan, pass_permutation, plan_epoch
 from .collate import Collator
-from .packing import PackedCollator, PackedSamples, PackingConfig, RankPlan, pack_epoch, settings_signature
+from .packing import (PackedCollator, PackedSamples, PackingConfig, PlanCache, RankPlan, pack_epoch,
+                      settings_signature)
 from .reader import DataError
 from .sampling import af1_distributed_indices, chunk, length_grouped_batches
 from .sources import Source
@@ -192,23 +193,19 @@ class TrainLoader:
         self.packing = packing
         if packing is not None and group_by_length:
             raise DataError("data.group_by_length has no meaning with data.packing; set one of them")
-        self._packed: tuple[int, RankPlan] | None = None
+        # the next epoch's plan is computed in the background when workers do the length pass
+        self._plans = PlanCache(self._compute_plan, background=self.num_workers > 0)
 
     # -- plan
     def packed_plan(self, epoch: Optional[int] = None) -> RankPlan:
         """This rank's packed micro-batches of ``epoch`` (rows of blended positions) and the packing stats.
         Computed once per epoch from the lengths of the epoch's every sample (DataLoader workers)."""
-        epoch = self.epoch if epoch is None else epoch
-        if self._packed is None or self._packed[0] != epoch:
-            order = af1_distributed_indices(len(self.dataset.plan(epoch)), 0, 1, True, self.seed, epoch)
-            self._packed = (epoch, pack_epoch(self.dataset, epoch, order, self.collator.tokens, self.packing,
-                                              self.rank, self.world_size, self.num_workers, _worker_init))
-        return self._packed[1]
+        return self._plans.get(self.epoch if epoch is None else epoch)
 
-    @property
-    def fill_rate(self) -> Optional[float]:
-        """Tokens / row capacity of the current epoch's packed plan (None without packing)."""
-        return self.packed_plan().stats.fill_rate if self.packing is not None else None
+    def _compute_plan(self, epoch: int) -> RankPlan:
+        order = af1_distributed_indices(len(self.dataset.plan(epoch)), 0, 1, True, self.seed, epoch)
+        return pack_epoch(self.dataset, epoch, order, self.collator.tokens, self.packing, self.rank,
+                          self.world_size, self.num_workers, _worker_init)
 
     def epoch_batches(self, epoch: Optional[int] = None) -> list[np.ndarray]:
         """This rank's batches of blended positions for ``epoch``."""
@@ -254,6 +251,7 @@ class TrainLoader:
             collate = PackedCollator(c.tokens, self.packing, c.max_windows)
             if start == 0:
                 self.skipped += self.packed_plan(epoch).left_out
+            self._plans.prefetch(epoch + 1)
         else:
             keys = [[(epoch, int(p)) for p in b] for b in batches[start:]]
         if keys:

@@ -18,10 +18,9 @@ ranks' shares would have fallen, and no collective is needed to agree on it.
   drifts far from its place in the shuffled order). The last group of an epoch is topped up with
   samples from the epoch's start when fewer than ``world_size`` samples remain, as DistributedSampler
   pads its shares, so every rank gets at least one sample in every micro-batch.
-* **Build** (:class:`PackedSamples` + :class:`PackedCollator`, in the workers): each sample gets its AF1
-  labels on its own (the labels the padded collator gives it: AF1's truncation rule only fires on a row
-  cut at ``max_tokens``, which is always the longest row) and its own ``max_num_fewshot * W`` audio slots;
-  :func:`collate_packed` lays the rows out and builds the segment layout
+* **Build** (:class:`PackedSamples` + :class:`PackedCollator`, in the workers): each sample gets its own
+  ``max_num_fewshot * W`` audio slots and the AF1 labels the padded collator would give it
+  (:func:`sample_labels`); :func:`collate_packed` lays the rows out and builds the segment layout
   (:mod:`megaflamingo.model.segments`) shared by the LM's block-diagonal self-attention and the fused
   cross-attention.
 
@@ -31,6 +30,7 @@ The plan is a pure function of (seed, epoch, world size, settings), so the loade
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -85,9 +85,10 @@ class PackingConfig:
 # ---------------------------------------------------------------------------------------------- samples
 
 
-def prepare_sample(sample: Optional[Mapping], tokens: SpecialTokens | Mapping[str, int], num_slots: int,
-                   max_windows: int, embed_dim: int, key: Hashable = None) -> Optional[dict]:
-    """A dataset sample -> what a packed row holds: ids, AF1 labels, its own audio slots. None stays None."""
+def prepare_sample(sample: Optional[Mapping], num_slots: int, max_windows: int, embed_dim: int,
+                   key: Hashable = None) -> Optional[dict]:
+    """A dataset sample -> what a packed row holds: its ids and its own audio slots (labels are made per
+    micro-batch, :func:`sample_labels`). None stays None."""
     if sample is None:
         return None
     ids = torch.as_tensor(np.asarray(sample["input_ids"]), dtype=torch.long)
@@ -98,8 +99,24 @@ def prepare_sample(sample: Optional[Mapping], tokens: SpecialTokens | Mapping[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory-mapped windows, only read
         fill_audio_slots(audio, amask, sample["windows"], sample["silence"], max_windows)
-    return {"key": key, "input_ids": ids, "labels": build_labels(ids, SpecialTokens.of(tokens)), "audio": audio,
-            "audio_mask": amask, "dataset": sample.get("dataset", ""), "length": int(ids.numel())}
+    return {"key": key, "input_ids": ids, "audio": audio, "audio_mask": amask, "dataset": sample.get("dataset", ""),
+            "length": int(ids.numel())}
+
+
+def sample_labels(ids: Sequence[torch.Tensor], tokens: SpecialTokens | Mapping[str, int]) -> list[torch.Tensor]:
+    """AF1 labels of each sample, computed as the padded collator computes them (one right-padded batch):
+    a sample's labels never depend on the others (AF1's truncation rule looks at the batch's last
+    column, which only a sample cut at ``max_tokens``, hence a longest one, reaches), and one vectorised
+    call costs what one sample's does."""
+    tokens = SpecialTokens.of(tokens)
+    if not ids:
+        return []
+    T = max(int(x.numel()) for x in ids)
+    batch = torch.full((len(ids), T), tokens.pad, dtype=torch.long)
+    for i, x in enumerate(ids):
+        batch[i, :x.numel()] = x
+    labels = build_labels(batch, tokens)
+    return [labels[i, :x.numel()] for i, x in enumerate(ids)]
 
 
 def is_supervised(labels: torch.Tensor) -> bool:
@@ -107,20 +124,29 @@ def is_supervised(labels: torch.Tensor) -> bool:
 
 
 class LengthView(Dataset):
-    """``dataset[key]`` reduced to ``(length, supervised)`` (None for a sample the dataset drops)."""
+    """``dataset[key]`` reduced to its token ids (None for a sample the dataset drops)."""
 
-    def __init__(self, dataset, tokens: SpecialTokens):
-        self.dataset, self.tokens = dataset, SpecialTokens.of(tokens)
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
         s = self.dataset[key]
-        if s is None:
-            return None
-        ids = torch.as_tensor(np.asarray(s["input_ids"]), dtype=torch.long)
-        return int(ids.numel()), is_supervised(build_labels(ids, self.tokens)) if ids.numel() else False
+        return None if s is None else torch.as_tensor(np.asarray(s["input_ids"]), dtype=torch.long)
+
+
+class _Lengths:
+    """Collate of the length pass: each sample's length, or None when it has no supervised token."""
+
+    def __init__(self, tokens: SpecialTokens):
+        self.tokens = SpecialTokens.of(tokens)
+
+    def __call__(self, items: Sequence[Optional[torch.Tensor]]) -> list[Optional[int]]:
+        real = [x for x in items if x is not None and x.numel()]
+        sup = iter([is_supervised(lab) for lab in sample_labels(real, self.tokens)])
+        return [int(x.numel()) if x is not None and x.numel() and next(sup) else None for x in items]
 
 
 def sample_lengths(dataset, keys: Sequence, tokens: SpecialTokens, num_workers: int = 0, chunk: int = 256,
@@ -130,11 +156,10 @@ def sample_lengths(dataset, keys: Sequence, tokens: SpecialTokens, num_workers: 
     if not len(keys):
         return
     chunks = [list(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
-    loader = DataLoader(LengthView(dataset, tokens), batch_sampler=chunks, collate_fn=list, num_workers=num_workers,
-                        worker_init_fn=worker_init_fn if num_workers else None)
+    loader = DataLoader(LengthView(dataset), batch_sampler=chunks, collate_fn=_Lengths(tokens),
+                        num_workers=num_workers, worker_init_fn=worker_init_fn if num_workers else None)
     for ks, got in zip(chunks, loader):
-        for k, g in zip(ks, got):
-            yield k, (g[0] if g is not None and g[1] else None)
+        yield from zip(ks, got)
 
 
 # ---------------------------------------------------------------------------------------------- packer
@@ -301,6 +326,48 @@ def pack_epoch(dataset, epoch: int, order: Sequence[int], tokens: SpecialTokens,
     return rp
 
 
+class PlanCache:
+    """A rank's packed plans by epoch (``compute(epoch) -> RankPlan``). With ``background`` the next
+    epoch's plan is computed in a daemon thread while this one trains (its length pass runs in DataLoader
+    workers, so the thread mostly waits), so an epoch boundary does not stall on it. Keeps two epochs."""
+
+    def __init__(self, compute: Callable[[int], RankPlan], background: bool):
+        self.compute, self.background = compute, background
+        self._done: dict[int, RankPlan] = {}
+        self._running: dict[int, tuple[threading.Thread, dict]] = {}
+
+    def get(self, epoch: int) -> RankPlan:
+        if epoch in self._running:
+            thread, box = self._running.pop(epoch)
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            self._keep(epoch, box["plan"])
+        if epoch not in self._done:
+            self._keep(epoch, self.compute(epoch))
+        return self._done[epoch]
+
+    def prefetch(self, epoch: int) -> None:
+        if not self.background or epoch in self._done or epoch in self._running:
+            return
+        box: dict = {}
+
+        def run():
+            try:
+                box["plan"] = self.compute(epoch)
+            except BaseException as e:  # noqa: BLE001 - re-raised by get() in the training thread
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name=f"packing-plan-{epoch}", daemon=True)
+        thread.start()
+        self._running[epoch] = (thread, box)
+
+    def _keep(self, epoch: int, plan: RankPlan) -> None:
+        self._done[epoch] = plan
+        for old in [e for e in self._done if e < epoch - 1]:
+            del self._done[old]
+
+
 # ---------------------------------------------------------------------------------------------- collate
 
 
@@ -325,13 +392,14 @@ def collate_packed(rows: Sequence[Sequence[Mapping]], tokens: SpecialTokens | Ma
     ids = torch.full((R, T), tokens.pad, dtype=torch.long)
     labels = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
     sidx = torch.full((R, T), -1, dtype=torch.long)
+    labs = iter(sample_labels([smp["input_ids"] for smp in samples], tokens))
     s = 0
     for r, row in enumerate(rows):
         t = 0
         for smp in row:
             n = int(smp["length"])
             ids[r, t:t + n] = smp["input_ids"]
-            lab = smp["labels"].clone()
+            lab = next(labs)
             lab[0] = IGNORE_INDEX  # never predicted from the previous sample (AF1 masks it anyway)
             labels[r, t:t + n] = lab
             sidx[r, t:t + n] = s
@@ -364,8 +432,8 @@ class PackedSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, pos, row = key
-        smp = prepare_sample(self.dataset[(epoch, pos)], self.tokens, self.num_slots, self.max_windows,
-                             self.embed_dim, key=(int(epoch), int(pos)))
+        smp = prepare_sample(self.dataset[(epoch, pos)], self.num_slots, self.max_windows, self.embed_dim,
+                             key=(int(epoch), int(pos)))
         if smp is not None:
             smp["row"] = int(row)
         return smp

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from megaflamingo.data.packing import (GroupPacker, PackingConfig, collate_packed, pack_lengths, plan_groups, plan_rank,
-                                       prepare_sample)
+from megaflamingo.data.packing import (GroupPacker, PackingConfig, PlanCache, RankPlan, collate_packed, pack_lengths,
+                                       plan_groups, plan_rank, prepare_sample)
+from megaflamingo.data.labels import build_labels
 from megaflamingo.data.reader import DataError
 
 TOK = dict(media=90, eoc=91, sep=92, pad=1, bos=2, eos=2)
@@ -106,7 +107,7 @@ def _sample(p, rng):
     ids.append(TOK["eos"])
     wins = [rng.standard_normal((int(rng.integers(1, W + 1)), D)).astype(np.float32) for _ in range(n_shots)]
     return prepare_sample({"input_ids": np.asarray(ids), "windows": wins, "silence": np.zeros(D, np.float32),
-                           "dataset": "d"}, TOK, W * SHOTS, W, D, key=p)
+                           "dataset": "d"}, W * SHOTS, W, D, key=p)
 
 
 def test_collate_layout_and_fields():
@@ -125,9 +126,34 @@ def test_collate_layout_and_fields():
     assert lay.position_ids[0, n0] == 0 and lay.position_ids[0, n0 - 1] == n0 - 1
     assert (b["input_ids"][b["sample_index"] < 0] == TOK["pad"]).all()
     assert (b["labels"][b["sample_index"] < 0] == -100).all()
-    for smp, s in zip(prepared, range(3)):
+    for smp, s in zip(prepared, range(3)):  # labels made batch-wise = each sample's own AF1 labels
         r, a, n = int(lay.sample_row[s]), int(lay.sample_start[s]), smp["length"]
-        assert torch.equal(b["labels"][r, a:a + n], smp["labels"]) and torch.equal(b["audio_embeds"][s], smp["audio"])
+        own = build_labels(smp["input_ids"], TOK)
+        assert (own != -100).sum() > 0 and torch.equal(b["labels"][r, a:a + n], own)
+        assert torch.equal(b["audio_embeds"][s], smp["audio"])
     assert b["audio_embeds"].shape == (3, W * SHOTS, D) and b["num_tokens"] == sum(p["length"] for r in rows for p in r)
     with pytest.raises(DataError, match="no samples"):
         collate_packed([], TOK, cfg, W)
+
+
+def test_plan_cache_prefetches_the_next_epoch_and_reraises_its_error():
+    calls = []
+
+    def compute(epoch):
+        calls.append(epoch)
+        if epoch == 3:
+            raise DataError("epoch 3 is broken")
+        return RankPlan(batches=[[[epoch]]])
+
+    cache = PlanCache(compute, background=True)
+    assert cache.get(0).batches == [[[0]]]
+    cache.prefetch(1)
+    cache.prefetch(1)  # once
+    assert cache.get(1).batches == [[[1]]] and calls == [0, 1]
+    assert cache.get(0) is cache.get(0) and calls == [0, 1]  # kept, not recomputed
+    cache.prefetch(3)
+    with pytest.raises(DataError, match="epoch 3 is broken"):
+        cache.get(3)
+    inline = PlanCache(compute, background=False)
+    inline.prefetch(5)
+    assert 5 not in calls and inline.get(5).batches == [[[5]]]

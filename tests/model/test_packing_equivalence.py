@@ -61,7 +61,7 @@ def make_samples(n, seed=0, p_fewshot=0.3):
 def packed_batch(samples, max_tokens_per_row, rows_per_batch=8):
     cfg = PackingConfig(max_tokens_per_row=max_tokens_per_row, rows_per_batch=rows_per_batch, pad_to_multiple_of=8,
                         query_chunk=8)
-    prepared = [prepare_sample(s, TOK, WPA * SHOTS, WPA, D_AUDIO, key=i) for i, s in enumerate(samples)]
+    prepared = [prepare_sample(s, WPA * SHOTS, WPA, D_AUDIO, key=i) for i, s in enumerate(samples)]
     plan = pack_lengths([p["length"] for p in prepared], cfg)
     assert len(plan) == 1, "the test wants all samples in one micro-batch"
     rows = [[prepared[i] for i in row] for row in plan[0]]
