@@ -49,8 +49,16 @@ class DataConfig:
     valid: list[str] = field(default_factory=list)
     max_tokens: int = 512
     num_workers: int = 4
-    # Sort-ish batching by token length to cut padding (not in AF1).
+    # Sort-ish batching by token length to cut padding (not in AF1; meaningless with packing).
     group_by_length: bool = False
+    # Sequence packing: several samples per row up to max_tokens_per_row tokens, each run exactly as if
+    # alone (block-diagonal attention, positions restarting, its own audio slots). A micro-batch is then
+    # train.micro_batch_size *rows*. Off = AF1's one padded sample per row. See docs/training.md.
+    packing: bool = False
+    # Row capacity in tokens with packing; None = data.max_tokens. Must be >= data.max_tokens.
+    max_tokens_per_row: Optional[int] = None
+    # How far ahead the packer looks, in micro-batches' worth of tokens (of all ranks together).
+    packing_lookahead: int = 2
     # Let blend/valid names and kNN manifests reach dataset directories outside data_root (off: an
     # absolute or `..` path that escapes the root is refused, naming this field).
     allow_outside_root: bool = False
@@ -124,6 +132,13 @@ class TrainConfig:
     # Training/validation loss: "supervised" runs the LM head only where the shifted label is not -100
     # (same loss and gradients, ~14% less forward on OPT's 50k vocabulary); "full" computes [B, T, V] logits.
     loss_logits: Literal["supervised", "full"] = "supervised"
+    # The scalar of a micro-batch: "token" = sum of its token losses / its supervised tokens (AF1's and
+    # HF's token mean; with packing the micro-batch holds more samples); "sample" = mean over its samples
+    # of each sample's token mean. DeepSpeed then averages the accumulated micro-batches of a step.
+    loss_weighting: Literal["token", "sample"] = "token"
+    # "liger": the LM head fused into the cross-entropy (liger-kernel, CUDA only; logits never
+    # materialised); "plain": the LM's own head + cross-entropy.
+    loss_head: Literal["plain", "liger"] = "plain"
 
 
 @dataclass

@@ -66,6 +66,7 @@ def validate(cfg: Config) -> None:
         bad("train.af1_exact", "af1_exact with unfreeze_lm in pretrain is contradictory (AF1 never unfroze it there)")
     if t.unfreeze_lm and t.stage == "pretrain":
         bad("train.unfreeze_lm", "the pretrain stage keeps the LM frozen; use stage: sft or chat")
+    _validate_packing(cfg, bad)
     for name, entry in d.blend.items():
         if entry.weight < 0:
             bad(f"data.blend.{name}.weight", f"must be >= 0, got {entry.weight}")
@@ -80,3 +81,17 @@ def validate(cfg: Config) -> None:
     for name in d.valid:
         if "/" not in name:
             bad("data.valid", f"{name!r}: dataset names look like '<dataset>-<task>/<split>'")
+
+
+def _validate_packing(cfg: Config, bad) -> None:
+    d, t = cfg.data, cfg.train
+    if d.max_tokens_per_row is not None and d.max_tokens_per_row < d.max_tokens:
+        bad("data.max_tokens_per_row", f"must be >= data.max_tokens ({d.max_tokens}) so that every sample fits "
+            f"a row, got {d.max_tokens_per_row}")
+    if d.packing_lookahead < 1:
+        bad("data.packing_lookahead", f"must be >= 1, got {d.packing_lookahead}")
+    if t.loss_logits == "full" and t.loss_head == "liger":
+        bad("train.loss_head", "liger computes the loss without logits; it needs train.loss_logits: supervised")
+    if d.packing and d.group_by_length:
+        bad("data.group_by_length", "has no meaning with data.packing (packing removes the padding that grouping "
+            "reduces); set one of them")

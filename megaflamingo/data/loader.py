@@ -25,6 +25,8 @@ from megaflamingo.tokens import SpecialTokens
 from .blending import EpochPlan, pass_permutation, plan_epoch
 from .collate import Collator
 from .loader_rng import loader_generator
+from .packing import (PackedCollator, PackedSamples, PackingConfig, PlanCache, RankPlan, pack_epoch,
+                      settings_signature)
 from .reader import DataError
 from .row_check import BAD_ROW, RowTally, bad_row
 from .sampling import af1_distributed_indices, chunk, length_grouped_batches
@@ -174,10 +176,15 @@ def _worker_init(_: int) -> None:
 
 class TrainLoader:
     """Iterating yields the batches of the current virtual epoch from the current position, then
-    moves to the next epoch. ``state_dict()``/``load_state_dict()`` make resumption exact."""
+    moves to the next epoch. ``state_dict()``/``load_state_dict()`` make resumption exact.
+
+    With ``packing`` a batch is ``batch_size`` packed rows (``megaflamingo.data.packing``): the epoch's
+    whole order is packed identically on every rank and rank r takes the r-th micro-batch of each group,
+    so all ranks have the same number of batches per epoch."""
 
     def __init__(self, dataset: BlendedTrainDataset, collator: Collator, batch_size: int, rank: int,
-                 world_size: int, seed: int, num_workers: int, group_by_length: bool, epoch: int = 0):
+                 world_size: int, seed: int, num_workers: int, group_by_length: bool, epoch: int = 0,
+                 packing: Optional[PackingConfig] = None):
         self.dataset = dataset
         self.collator = collator
         self.batch_size = int(batch_size)
@@ -189,11 +196,28 @@ class TrainLoader:
         self.skipped = 0
         self.rows = RowTally("train")
         self._batches_cache: tuple[int, list] | None = None
+        self.packing = packing
+        if packing is not None and group_by_length:
+            raise DataError("data.group_by_length has no meaning with data.packing; set one of them")
+        # the next epoch's plan is computed in the background when workers do the length pass
+        self._plans = PlanCache(self._compute_plan, background=self.num_workers > 0)
 
     # -- plan
+    def packed_plan(self, epoch: Optional[int] = None) -> RankPlan:
+        """This rank's packed micro-batches of ``epoch`` (rows of blended positions) and the packing stats.
+        Computed once per epoch from the lengths of the epoch's every sample (DataLoader workers)."""
+        return self._plans.get(self.epoch if epoch is None else epoch)
+
+    def _compute_plan(self, epoch: int) -> RankPlan:
+        order = af1_distributed_indices(len(self.dataset.plan(epoch)), 0, 1, True, self.seed, epoch)
+        return pack_epoch(self.dataset, epoch, order, self.collator.tokens, self.packing, self.rank,
+                          self.world_size, self.num_workers, _worker_init)
+
     def epoch_batches(self, epoch: Optional[int] = None) -> list[np.ndarray]:
         """This rank's batches of blended positions for ``epoch``."""
         epoch = self.epoch if epoch is None else epoch
+        if self.packing is not None:
+            return self.packed_plan(epoch).batches
         if self._batches_cache is not None and self._batches_cache[0] == epoch:
             return self._batches_cache[1]
         plan = self.dataset.plan(epoch)
@@ -225,11 +249,23 @@ class TrainLoader:
                             f"global_weight) is 0 (sizes {sizes}, weights {self.dataset.weights})")
         batches = self.epoch_batches(epoch)
         start = self.batch_in_epoch
-        keys = [[(epoch, int(p)) for p in b] for b in batches[start:]]
+        dataset, collate = self.dataset, self.collator
+        if self.packing is not None:
+            keys = [[(epoch, int(p), r) for r, row in enumerate(mb) for p in row] for mb in batches[start:]]
+            c = self.collator
+            dataset = PackedSamples(self.dataset, c.tokens, c.num_slots, c.max_windows, c.embed_dim)
+            collate = PackedCollator(c.tokens, self.packing, c.max_windows)
+            if start == 0:
+                plan = self.packed_plan(epoch)
+                self.skipped += plan.left_out
+                self.rows.take_bad(plan.bad_rows)  # found by the length pass, never packed
+            self._plans.prefetch(epoch + 1)
+        else:
+            keys = [[(epoch, int(p)) for p in b] for b in batches[start:]]
         if keys:
             # Its own generator: without one, creating the iterator draws from the global RNG that the
             # trainer restored on resume, and every later dropout mask would shift.
-            loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collator,
+            loader = DataLoader(dataset, batch_sampler=keys, collate_fn=collate,
                                 num_workers=self.num_workers, worker_init_fn=_worker_init if self.num_workers else None,
                                 persistent_workers=False, pin_memory=_PIN,
                                 generator=loader_generator(self.seed, epoch, start, self.rank))
@@ -253,14 +289,15 @@ class TrainLoader:
                 "skipped": self.skipped, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
                 "batch_size": self.batch_size, "group_by_length": self.group_by_length,
                 "af1_exact_blend": self.dataset.af1_exact_blend, "blend": self._signature(),
-                "rows": self.rows.state_dict()}
+                "rows": self.rows.state_dict(), "packing": settings_signature(self.packing)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("batch_size", self.batch_size),
                           ("group_by_length", self.group_by_length),
-                          ("af1_exact_blend", self.dataset.af1_exact_blend)):
+                          ("af1_exact_blend", self.dataset.af1_exact_blend),
+                          ("packing", settings_signature(self.packing))):
             if state.get(key) != mine:
                 raise DataError(f"cannot resume the data loader exactly: saved {key}={state.get(key)!r}, "
                                 f"now {mine!r}")
@@ -306,7 +343,8 @@ def build_train_loader(data_cfg, tokenizer, token_ids: SpecialTokens, rank: int 
     ds = BlendedTrainDataset(sources, weights, entries, builder, seed, af1_exact_blend)
     collator = Collator(token_ids, fewshot * W, W, D)
     nw = data_cfg.num_workers if num_workers is None else num_workers
-    return TrainLoader(ds, collator, int(batch_size), rank, world_size, seed, nw, data_cfg.group_by_length, epoch)
+    return TrainLoader(ds, collator, int(batch_size), rank, world_size, seed, nw, data_cfg.group_by_length, epoch,
+                       packing=PackingConfig.from_config(data_cfg, int(batch_size)))
 
 
 # --------------------------------------------------------------------------------------- valid

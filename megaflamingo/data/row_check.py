@@ -69,11 +69,17 @@ class RowTally:
     def take(self, batch: dict) -> dict:
         """Count one collated batch (its rows, the rows it dropped) and log each bad row."""
         bad = batch.pop("bad_rows", None) or []
-        self.seen += int(batch["input_ids"].shape[0]) + int(batch.get("num_skipped", 0)) + len(bad)
+        rows = batch.get("num_samples", batch["input_ids"].shape[0])  # a packed row holds several samples
+        self.seen += int(rows) + int(batch.get("num_skipped", 0))
+        self.take_bad(bad)
+        return batch
+
+    def take_bad(self, bad) -> None:
+        """Count and log rows dropped before collation (packing finds them in its length pass)."""
+        self.seen += len(bad)
         self.bad += len(bad)
         for b in bad:
             log.warning("%s data: skipped a bad row: %s", self.what, b)
-        return batch
 
     def state_dict(self) -> dict:
         return {"seen": self.seen, "bad": self.bad}

@@ -40,12 +40,23 @@ def build_run_tokenizer(cfg: Config):
 def build_run_model(cfg: Config, tokenizer, tokens: SpecialTokens, ds_config: Optional[dict]) -> nn.Module:
     """LM + AudioFlamingo, partitioned at creation under ZeRO-3 (``deepspeed.zero_init``), with the
     stage's freeze policy applied."""
+    check_loss_head(cfg)
     zero_init = cfg.deepspeed.zero_init
     lm = build_lm(cfg.model, len(tokenizer), ds_config, zero_init)
     model = build_model(cfg.model, lm, tokens, ds_config, zero_init)
     policy, emb = policy_from_train_config(cfg.train)
     log.info("%s", apply_freeze_policy(model, policy, emb))
     return model
+
+
+def check_loss_head(cfg: Config) -> None:
+    """``train.loss_head: liger`` runs liger-kernel's Triton kernels: refuse it where they cannot run."""
+    if cfg.train.loss_head == "liger":
+        from megaflamingo.model.packed import liger_available
+
+        if not liger_available():
+            raise ConfigError(f"train.loss_head: liger needs the liger-kernel package and a CUDA device "
+                              f"(pip install liger-kernel); use plain here ({cfg.source or '<config>'})")
 
 
 def load_init_weights(model: nn.Module, path: str, rank: int) -> dict:

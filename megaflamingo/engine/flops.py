@@ -14,7 +14,12 @@ Convention (PaLM appendix B, adapted to a partly frozen model); a multiply-add i
   12·L·inner per text token per xattn block, 12·L·d per audio slot per audio-transformer layer;
 * embedding look-ups are free; the LM head is a matrix like any other (tied or not), counted on the rows
   it runs on: all B·T positions with full logits, the supervised ones only with
-  ``train.loss_logits: supervised``.
+  ``train.loss_logits: supervised``;
+* packed batches (:meth:`FlopSpec.per_packed_batch`: R rows of T positions holding S samples): weight
+  matrices on all R·T positions (padding included, as above) and on the S·L audio slots; LM attention
+  per sample, Σ n² over the sequence segments (what a varlen kernel computes; a block-masked dense kernel
+  computes R·T² but the extra work is masked out, so it is not model FLOPs); xattn attention over L slots
+  per position, as unpacked.
 
 The denominator is the device peak: ``train.peak_tflops`` if given, a table for known GPUs (dense
 bf16, /2 for fp32 = TF32), else on CPU a measured fp32/bf16 matmul peak (``measure_cpu_peak``).
@@ -56,6 +61,19 @@ class FlopSpec:
         per_slot = self.audio_linear + 12.0 * audio_slots * self.audio_width * self.audio_layers
         rows = batch_size * seq_len if head_rows is None else head_rows
         return batch_size * (seq_len * per_text + audio_slots * per_slot) + rows * self.head_linear
+
+
+    def per_packed_batch(self, layout, head_rows: Optional[int] = None) -> float:
+        """``layout``: the batch's :class:`~megaflamingo.model.segments.PackedLayout` (host or device:
+        only its sizes and segment lengths are read)."""
+        R, T, S = layout.rows, layout.seq_len, layout.num_samples
+        L = layout.xattn.num_slots
+        lens = (layout.seq_cu[1:] - layout.seq_cu[:-1]).double()
+        attn_lm = 12.0 * self.lm_width * self.lm_layers * float((lens * lens).sum())
+        per_text = self.text_linear + 12.0 * L * self.xattn_inner * self.xattn_blocks
+        per_slot = self.audio_linear + 12.0 * L * self.audio_width * self.audio_layers
+        rows = R * T if head_rows is None else head_rows
+        return R * T * per_text + attn_lm + S * L * per_slot + rows * self.head_linear
 
 
 def flop_spec(model: nn.Module) -> FlopSpec:

@@ -1,7 +1,7 @@
 """What the trainer shows in TensorBoard, by family (one TensorBoard card per family, units in the names).
 
     loss/train, loss/train/<dataset>, loss/valid, loss/valid/<dataset>
-    perf/mfu_pct, perf/tokens_per_s, perf/samples_per_s
+    perf/mfu_pct, perf/tokens_per_s, perf/samples_per_s, perf/fill_rate (real tokens / positions computed)
     time/step_s, time/data_wait_s, time/valid_s, time/eval_s
     memory/peak_alloc_gb, memory/peak_reserved_gb (GPU) | memory/peak_rss_gb (CPU)
     optim/lr, optim/grad_norm, optim/nonfinite_skipped, optim/epoch
@@ -26,6 +26,7 @@ import torch
 LOSS_TRAIN, LOSS_VALID = "loss/train", "loss/valid"
 MFU_PCT = "perf/mfu_pct"
 TOKENS_PER_S, SAMPLES_PER_S = "perf/tokens_per_s", "perf/samples_per_s"
+FILL_RATE = "perf/fill_rate"
 STEP_S, DATA_WAIT_S, VALID_S, EVAL_S = "time/step_s", "time/data_wait_s", "time/valid_s", "time/eval_s"
 LR, GRAD_NORM, NONFINITE, EPOCH = "optim/lr", "optim/grad_norm", "optim/nonfinite_skipped", "optim/epoch"
 BAD_ROWS, RESUME_TEXT = "data/bad_rows", "checkpoint/resume"

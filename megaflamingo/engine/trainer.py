@@ -21,11 +21,11 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from megaflamingo.config import Config
-from megaflamingo.model.loss import token_losses
-from megaflamingo.tokens import IGNORE_INDEX
+from megaflamingo.model.loss import token_losses, weighted_sums
 
 from . import stop as stop_request
 from . import tags
+from .batch_counts import batch_counts
 from .checkpointing import (CheckpointManager, ResumePoint, config_hash, resolve_resume, set_rng_state,
                             verify_on_all_ranks)
 from .data_health import DataHealth
@@ -66,6 +66,7 @@ class StepStats:
     count: float = 0.0
     samples: float = 0.0
     tokens: float = 0.0
+    positions: float = 0.0  # every position computed, padding included (tokens / positions = fill rate)
     flops: float = 0.0
     data_wait_s: float = 0.0
     # (dataset names, per-sample loss sums, per-sample counts) per micro-batch, left on the device
@@ -77,7 +78,7 @@ class StepStats:
         return self.loss_sum / self.count if self.count > 0 else float("nan")
 
     def add(self, other: "StepStats") -> None:
-        for f in ("loss_sum", "count", "samples", "tokens", "flops", "data_wait_s"):
+        for f in ("loss_sum", "count", "samples", "tokens", "positions", "flops", "data_wait_s"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.per_dataset.extend(other.per_dataset)
 
@@ -220,20 +221,24 @@ class Trainer:
             if v.is_floating_point():
                 v = v.to(self.float_dtype)
             out[k] = v
+        if batch.get("layout") is not None:  # packed rows: the segment layout (index tensors, not cast)
+            out["layout"] = batch["layout"].to(self.device, non_blocking=True)
         out["labels"] = batch["labels"].to(self.device, non_blocking=True)
         return out
 
     def _forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         labels = inputs.pop("labels")
-        if self.cfg.train.loss_logits == "supervised":
-            # Through the engine's forward (ZeRO-3 hooks); the head runs on the supervised rows only.
-            out = self.engine(**inputs, labels=labels, loss_logits="supervised")
+        t = self.cfg.train
+        if t.loss_logits == "supervised" or "layout" in inputs:
+            # Through the engine's forward (ZeRO-3 hooks); per-sample sums come back (a packed row holds
+            # several samples); with "supervised" the head runs on the supervised rows only.
+            out = self.engine(**inputs, labels=labels, loss_logits=t.loss_logits, loss_weighting=t.loss_weighting,
+                              loss_head=t.loss_head)
             return out.loss, out.loss_sum.detach(), out.count.detach()
         out = self.engine(**inputs)
         logits = out.logits if hasattr(out, "logits") else out
         loss_sum, count = token_losses(logits, labels)
-        loss = loss_sum.sum() / count.sum().clamp(min=1)
-        return loss, loss_sum.detach(), count.detach()
+        return weighted_sums(loss_sum, count, t.loss_weighting), loss_sum.detach(), count.detach()
 
     def _skip_nonfinite(self, metrics: MetricsLogger) -> None:
         self.nonfinite_in_a_row += 1
@@ -264,8 +269,6 @@ class Trainer:
             it, batch = self._next_batch(it)
             stats.data_wait_s += time.perf_counter() - t0
             inputs = self._to_device(batch)
-            B, T = inputs["input_ids"].shape
-            L = inputs["audio_embeds"].shape[1] if "audio_embeds" in inputs else 0
             loss, loss_sum, count = self._forward(inputs)
             if any_rank(~torch.isfinite(loss.detach())):
                 self._skip_nonfinite(metrics)
@@ -276,13 +279,11 @@ class Trainer:
             self.engine.step()
             good += 1
             sums += _sums(loss_sum, count)
-            stats.samples += B
-            mask = batch.get("attention_mask")  # the host copy: no device sync
-            stats.tokens += float(mask.sum()) if mask is not None else B * T
-            # With supervised-only logits the LM head ran on the supervised rows only, not B*T
-            # (counted on the host copy of the labels, as the model counts them).
-            head_rows = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if t.loss_logits == "supervised" else None
-            stats.flops += self.flops.per_batch(B, T, L, head_rows)
+            c = batch_counts(batch, self.flops, t.loss_logits == "supervised")  # the host copy: no device sync
+            stats.samples += c.samples
+            stats.tokens += c.tokens
+            stats.positions += c.positions
+            stats.flops += c.flops
             if batch.get("dataset"):
                 stats.per_dataset.append((list(batch["dataset"]), loss_sum, count))
         stats.loss_sum, stats.count = all_reduce_sum(sums).tolist()
@@ -447,8 +448,8 @@ class Trainer:
 
     def _log_window(self, metrics: MetricsLogger, w: Window, elapsed: float) -> None:
         ws, t = self.world.world_size, w.total
-        samples, tokens, flops, data_wait = all_reduce_sum(
-            torch.tensor([t.samples, t.tokens, t.flops, t.data_wait_s], dtype=torch.float64)).tolist()
+        samples, tokens, positions, flops, data_wait = all_reduce_sum(
+            torch.tensor([t.samples, t.tokens, t.positions, t.flops, t.data_wait_s], dtype=torch.float64)).tolist()
         per_ds = self._dataset_losses(t.per_dataset)
         gates = tags.gate_values(self.gates)  # a collective only if a user's JSON partitions the gates
         if not self.world.is_main:
@@ -463,6 +464,7 @@ class Trainer:
             tags.GRAD_NORM: float(gn) if gn is not None else None,
             tags.TOKENS_PER_S: tokens / elapsed,
             tags.SAMPLES_PER_S: samples / elapsed,
+            tags.FILL_RATE: tokens / positions if positions else None,
             tags.MFU_PCT: mfu,
             tags.DATA_WAIT_S: data_wait / ws / max(w.steps, 1),
             tags.STEP_S: elapsed / max(w.steps, 1),

@@ -13,6 +13,7 @@ from megaflamingo.tokens import SpecialTokens
 
 from .config import ModelConfig
 from .flamingo import AudioFlamingo
+from .lm_attention import resolve_attn_implementation
 
 
 def is_zero3(ds_config: Optional[dict]) -> bool:
@@ -31,7 +32,7 @@ def build_lm(model_cfg: ModelConfig, vocab_size: int, ds_config: Optional[dict] 
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay referenced while the LM is built
-    kw = dict(attn_implementation=model_cfg.attn_implementation)
+    kw = dict(attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation))
     if model_cfg.lm_config is not None:
         conf = dict(model_cfg.lm_config)
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf), **kw)

@@ -34,6 +34,11 @@ class XattnConfig:
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    # Attention kernel of the blocks. "dense": SDPA with the [B, 1, T, L] AF1 mask (the reference; the
+    # only path for unpacked KV-cached generation anyway). The others run the fused segment layout
+    # (compacted valid windows, varlen segments; required for packed batches): "auto" = "varlen" on CUDA
+    # in half precision when a varlen kernel imports, else "segments" (pure torch); "flex" = FlexAttention.
+    backend: Literal["dense", "auto", "segments", "varlen", "flex"] = "dense"
 
 
 @dataclass
@@ -45,7 +50,10 @@ class ModelConfig:
     # A transformers config dict (must contain ``model_type``) to build a RANDOM-INIT LM:
     # used by tests and the CPU quickstart, never for real training.
     lm_config: Optional[dict] = None
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # The LM's self-attention (transformers' attn_implementation). "auto": flash_attention_2 when the
+    # flash-attn package imports on a CUDA machine, else megaflamingo_varlen (torch's own varlen flash
+    # kernel for packed rows, SDPA otherwise) on CUDA, else sdpa. See megaflamingo.model.lm_attention.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "megaflamingo_varlen"] = "sdpa"
     cache_dir: Optional[str] = None
     audio_embed_dim: int = 1024
     max_num_window: int = 16

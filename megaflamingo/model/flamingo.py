@@ -72,6 +72,9 @@ class AudioFlamingo(PreTrainedModel):
         self.decoder_layers_path = inject_xattn(lang_encoder, cfg.audio_embed_dim, xa.every_n_layers, xa.heads,
                                                 xa.dim_head, xa.ff_mult, cfg.decoder_layers_path)
         self.xattn_every_n_layers = xa.every_n_layers
+        # "dense" = the [B, 1, T, L] mask path below; the others = the fused segment layout
+        # (megaflamingo.model.packed), also for unpacked batches (whose layout is then built per call)
+        self.xattn_backend = xa.backend
         self._ckpt_audio = False
         ref = next(lang_encoder.parameters())
         if ref.device.type != "meta":
@@ -233,6 +236,9 @@ class AudioFlamingo(PreTrainedModel):
         audio_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         loss_logits: str = "full",
+        layout=None,
+        loss_weighting: str = "token",
+        loss_head: str = "plain",
         **lm_kwargs,
     ):
         """HF-style output (``.logits``, ``.loss``). Extra kwargs (position_ids, past_key_values, use_cache,
@@ -241,9 +247,20 @@ class AudioFlamingo(PreTrainedModel):
         ``loss_logits="supervised"`` (needs ``labels``) returns a :class:`SupervisedLoss` instead, computing
         logits only where the shifted label is not -100 (see :meth:`supervised_loss`). It is a forward
         argument, not only a method, so that a DeepSpeed engine wrapping this module can run it through its
-        own ``forward`` (ZeRO-3 gathers parameters in module hooks that fire from ``__call__``)."""
+        own ``forward`` (ZeRO-3 gathers parameters in module hooks that fire from ``__call__``).
+
+        ``layout`` (a :class:`~megaflamingo.model.segments.PackedLayout`, from the packing collator): rows
+        hold several samples, ``audio_embeds`` [S, L, D] one set of slots per sample; ``attention_mask`` is
+        then ignored (the layout says which positions are real). Without a layout, a model whose
+        ``xattn.backend`` is not ``dense`` (or ``loss_head="liger"``) runs the same fused path with the
+        layout of the padded batch. With labels that path returns (loss, loss_sum, count[, logits]), the
+        loss weighted by ``loss_weighting`` (``token`` | ``sample``, see ``model.loss.weighted_loss``)."""
         if loss_logits not in LOSS_LOGITS:
             raise ValueError(f"loss_logits must be one of {LOSS_LOGITS}, got {loss_logits!r}")
+        fused = self.xattn_backend != "dense" or loss_head != "plain"
+        if layout is not None or (fused and "past_key_values" not in lm_kwargs):
+            return self._segment_forward(input_ids, attention_mask, audio_embeds, audio_mask, labels, loss_logits,
+                                         layout, loss_weighting, loss_head, lm_kwargs)
         count = torch.cumsum((input_ids == self.media_token_id).long(), dim=1)
         audio_mask = self.validate_inputs(input_ids, audio_embeds, audio_mask, count)
         if loss_logits == "supervised":
@@ -257,7 +274,7 @@ class AudioFlamingo(PreTrainedModel):
         mask, has_any = media_visibility(count, audio_mask, self.windows_per_audio)
         ctx = MediaContext(media=media, mask=mask, has_any=has_any)
         if loss_logits == "supervised":
-            return self._supervised_loss(input_ids, attention_mask, labels, ctx, lm_kwargs)
+            return self._supervised_loss(input_ids, attention_mask, labels, ctx, lm_kwargs, loss_weighting)
         return self.lang_encoder(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, **{MEDIA_KWARG: ctx}, **lm_kwargs
         )
@@ -270,7 +287,29 @@ class AudioFlamingo(PreTrainedModel):
         ``model.loss.token_losses(model(...).logits, labels)``. Goes through ``__call__`` (hooks fire)."""
         return self(input_ids, attention_mask, audio_embeds, audio_mask, labels=labels, loss_logits="supervised")
 
-    def _supervised_loss(self, input_ids, attention_mask, labels, ctx: MediaContext, lm_kwargs) -> SupervisedLoss:
+    def _segment_forward(self, input_ids, attention_mask, audio_embeds, audio_mask, labels, loss_logits, layout,
+                         loss_weighting, loss_head, lm_kwargs):
+        from .packed import segment_forward
+        from .segments import layout_for_padded_batch
+
+        if lm_kwargs:
+            raise ValueError(f"the packed / fused-xattn forward takes no extra LM arguments, got {sorted(lm_kwargs)}")
+        if layout is None:  # an ordinary padded batch, one sample per row (one host sync for the sizes)
+            audio_mask = self.validate_inputs(input_ids, audio_embeds, audio_mask)
+            layout = layout_for_padded_batch(input_ids, attention_mask, audio_mask, self.media_token_id,
+                                             self.windows_per_audio)
+        if loss_logits == "supervised" and labels is None:
+            raise ValueError("loss_logits='supervised' needs labels")
+        out = segment_forward(self, input_ids, audio_embeds, audio_mask, layout, labels, backend=self.xattn_backend,
+                              loss_logits=loss_logits, weighting=loss_weighting, loss_head=loss_head)
+        if labels is None:  # HF-style output, as the dense path
+            from transformers.modeling_outputs import CausalLMOutput
+
+            return CausalLMOutput(logits=out)
+        return out
+
+    def _supervised_loss(self, input_ids, attention_mask, labels, ctx: MediaContext, lm_kwargs,
+                         weighting: str = "token") -> SupervisedLoss:
         # HF >= 5 slices the final hidden states with a boolean [B, T] ``logits_to_keep`` *inside* the LM's
         # own forward, right before its head: whatever the model does there (OPT's project_out lives in the
         # decoder; tied lm_head; any logit scaling) stays exactly the LM's code, and under ZeRO-3 the head
@@ -285,7 +324,7 @@ class AudioFlamingo(PreTrainedModel):
                 f"{type(self.lang_encoder).__name__} ignored a boolean logits_to_keep (got logits of shape "
                 f"{tuple(logits.shape)} for {targets.shape[0]} supervised positions); use the full-logits "
                 "loss (train.loss_logits=full) for this LM")
-        return supervised_token_loss(logits, targets, valid)
+        return supervised_token_loss(logits, targets, valid, weighting)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  audio_embeds: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None, **kwargs):

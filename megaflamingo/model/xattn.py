@@ -12,6 +12,10 @@ mask. AF1 fills masked logits with -finfo.max and subtracts the row max, so a ro
 becomes a uniform average over all L slots. SDPA would return 0 (bool mask) or NaN (-inf mask) there,
 so we zero the query of such rows and unmask the whole row: q = 0 gives equal logits, hence the same
 uniform average, with no branch and no extra kernel.
+
+With ``MediaContext.segments`` set (the fused layout of ``megaflamingo.model.segments``: packed rows, or padded
+rows run sample by sample) the attention branch goes through ``attention_kernels.segment_cross_attention``
+instead: varlen segments over the compacted valid slots, same math, kernel picked by ``MediaContext.backend``.
 """
 from __future__ import annotations
 
@@ -50,10 +54,15 @@ class MediaContext:
     concurrent calls.
     """
 
-    media: torch.Tensor  # [B, L, D_audio] audio-transformer output
-    mask: torch.Tensor  # [B, 1, T, L] bool (SDPA convention: True = attend)
-    has_any: torch.Tensor  # [B, T] bool; rows without any visible slot get the AF1 uniform average
+    media: torch.Tensor  # [B, L, D_audio] audio-transformer output ([S, L, D_audio] with a segment layout)
+    mask: Optional[torch.Tensor] = None  # [B, 1, T, L] bool (SDPA convention: True = attend)
+    has_any: Optional[torch.Tensor] = None  # [B, T] bool; rows without any visible slot get the AF1 uniform average
     kv_memo: Optional[dict] = field(default=None)  # layer index -> (k, v), reused across decoding steps
+    # Fused layout (megaflamingo.model.segments.CrossAttentionSegments): when set, mask/has_any are unused,
+    # the batch may hold several samples per row and ``backend`` picks the kernel (attention_kernels).
+    segments: Optional[object] = None
+    audio_mask: Optional[torch.Tensor] = None  # [S, L]; only the dense reference backend reads it
+    backend: str = "auto"
 
 
 class MaskedCrossAttention(nn.Module):
@@ -75,6 +84,10 @@ class MaskedCrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, ctx: MediaContext, layer_idx: int = 0) -> torch.Tensor:
+        if ctx.segments is not None:
+            from .attention_kernels import segment_cross_attention
+
+            return segment_cross_attention(self, x, ctx.media, ctx.segments, ctx.audio_mask, ctx.backend)
         B, T, _ = x.shape
         q = self.to_q(self.norm(x))
         q = q * ctx.has_any[..., None].to(q.dtype)  # see module docstring: uniform rows
