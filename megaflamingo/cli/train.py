@@ -64,7 +64,6 @@ def _main(argv=None) -> int:
     from megaflamingo.cli import results_only_on_stdout
 
     args = parse_args(argv)
-    results_only_on_stdout()
     from megaflamingo.engine.distributed import discover_env
 
     world = discover_env()
@@ -82,6 +81,8 @@ def _main(argv=None) -> int:
         if args.resume is not None:
             overrides.append(f"train.resume={args.resume}")
         cfg = load_config(args.config, overrides, placeholders)
+        # After the config is read, so a bad config is one line, without DeepSpeed's import notices.
+        results_only_on_stdout()
         from megaflamingo.engine.build import lm_hidden_size, preflight
         from megaflamingo.engine.checkpointing import resolve_resume
         from megaflamingo.engine.ds_config import build_ds_config

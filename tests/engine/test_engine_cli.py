@@ -45,7 +45,8 @@ def test_missing_dataset_and_embed_mismatch_fail_before_training(single_env, tmp
                  "encoder.embed_dim=64"]) == 2
     assert "model.audio_embed_dim is 64" in capsys.readouterr().err
     # Longer samples than the LM can embed would crash at the first long batch: refused up front.
-    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", "data.max_tokens=4096"]) == 2
+    assert main(["--config", CFG, "--placeholder", f"MF_DATA_ROOT={data_root}", "data.max_tokens=4096",
+                 "data.max_tokens_per_row=4096"]) == 2
     assert "data.max_tokens: 4096 exceeds the LM's 1024 positions" in capsys.readouterr().err
 
 
@@ -80,7 +81,7 @@ def test_validation_text_is_cut_at_the_lms_positions(data_root, monkeypatch):
     monkeypatch.setenv("MF_DATA_ROOT", str(data_root))
     monkeypatch.setenv("MF_RUN_DIR", str(data_root / "run"))
     for max_tokens, want in ((64, 320), (512, 1024)):
-        cfg = load_config(CFG, [f"data.max_tokens={max_tokens}"])
+        cfg = load_config(CFG, [f"data.max_tokens={max_tokens}", f"data.max_tokens_per_row={max_tokens}"])
         tok, ids = build.build_run_tokenizer(cfg)
         _, valid = build.build_loaders(cfg, tok, ids, 0, 1)
         assert valid and seen[-1] == want
@@ -132,7 +133,7 @@ def test_stop_signal_during_startup_is_recorded_and_exits_75(single_env, data_ro
 
     seen = {}
 
-    def fake_run(cfg, world, dry_run=False):  # stands in for model build + Trainer.train()
+    def fake_run(cfg, world, dry_run=False, plan_json=False):  # stands in for model build + Trainer.train()
         assert signal.getsignal(signal.SIGTERM) is stop._handler  # else the kill below would end pytest
         os.kill(os.getpid(), signal.SIGTERM)
         seen["requested"] = stop.requested()
