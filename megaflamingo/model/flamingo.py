@@ -24,6 +24,7 @@ from .audio_transformer import AudioTransformer
 from .config import ModelConfig
 from .hf_config import MODEL_TYPE, AudioFlamingoConfig
 from .injection import MEDIA_KWARG, FlamingoDecoderLayer, flamingo_layers, inject_xattn
+from .lm_attention import resolve_attn_implementation
 from .loss import LOSS_LOGITS, SupervisedLoss, supervised_positions, supervised_token_loss
 from .xattn import MediaContext, media_visibility
 
@@ -52,7 +53,8 @@ class AudioFlamingo(PreTrainedModel):
         if lang_encoder is None:
             if config.text_config is None:
                 raise ValueError("AudioFlamingoConfig has no text_config: the LM cannot be built")
-            attn = config.text_config._attn_implementation or cfg.attn_implementation
+            # "auto" (the configs' default) is ours: transformers takes only a concrete implementation.
+            attn = config.text_config._attn_implementation or resolve_attn_implementation(cfg.attn_implementation)
             lang_encoder = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn)
         else:
             config.text_config = lang_encoder.config  # one object: a later resize updates both
