@@ -161,8 +161,13 @@ def sample_lengths(dataset, keys: Sequence, tokens: SpecialTokens, num_workers: 
     if not len(keys):
         return
     chunks = [list(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
+    # A generator of its own: DataLoader otherwise draws its workers' base seed from the global torch RNG,
+    # and this pass runs at times that differ between a run and its resumption (the next epoch's plan is
+    # prefetched in the background; a resumed run computes its epoch's plan at start), which would shift
+    # every later dropout mask. Nothing here is random (samples draw from generators keyed by position).
     loader = DataLoader(LengthView(dataset), batch_sampler=chunks, collate_fn=_Lengths(tokens),
-                        num_workers=num_workers, worker_init_fn=worker_init_fn if num_workers else None)
+                        num_workers=num_workers, worker_init_fn=worker_init_fn if num_workers else None,
+                        generator=torch.Generator().manual_seed(0))
     for ks, got in zip(chunks, loader):
         yield from zip(ks, got)
 
