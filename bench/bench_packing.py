@@ -205,8 +205,8 @@ def build_model():
                     word_embed_proj_dim=768, dropout=0.0, attention_dropout=0.0, max_position_embeddings=2048)
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = AudioFlamingo(lm, TOKS, ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=SHOTS,
-                                                audio_transformer=AudioTransformerConfig(dropout=0.0)))
+    model = AudioFlamingo.from_lm(lm, TOKS, ModelConfig(audio_embed_dim=D, max_num_window=W, max_num_fewshot=SHOTS,
+                                                         audio_transformer=AudioTransformerConfig(dropout=0.0)))
     with torch.no_grad():
         for b in model.xattn_blocks():  # open the gates so the audio path takes part in the loss
             b.attn_gate.fill_(0.5)

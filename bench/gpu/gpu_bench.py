@@ -92,7 +92,7 @@ def build_model(shape: dict, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-        model = AudioFlamingo(lm, bp.TOKS, mcfg)
+        model = AudioFlamingo.from_lm(lm, bp.TOKS, mcfg)
     model.to(dtype)
     with torch.no_grad():
         for b in model.xattn_blocks():
