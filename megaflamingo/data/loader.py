@@ -116,9 +116,12 @@ class _SampleBuilder:
         self.registry = registry
         self.max_tokens = int(max_tokens)
 
-    def build(self, src: Source, j: int, split: str, augmentations, prefix_prob, rng) -> dict:
+    def build(self, src: Source, j: int, split: str, augmentations, prefix_prob, rng,
+              check_audio: bool = True) -> dict:
+        """The sample of item ``j``. ``check_audio=False`` (packing's length pass, which only needs the
+        token ids) leaves the window embeddings unread; the sample built for training checks them."""
         item = src.item(j)
-        bad = bad_row(src, j, item)
+        bad = bad_row(src, j, item) if check_audio else None
         if bad is not None:
             return {BAD_ROW: bad}  # the collator drops it and reports it
         text = build_parts(item, self.special, self.registry, flamingo_task=src.flamingo_task, split=split,
@@ -158,12 +161,16 @@ class BlendedTrainDataset(Dataset):
         return len(self.plan(0))
 
     def __getitem__(self, key) -> dict:
+        return self.sample(key)
+
+    def sample(self, key, check_audio: bool = True) -> dict:
+        """The sample at ``key = (epoch, position)``; see ``_SampleBuilder.build`` for ``check_audio``."""
         epoch, pos = int(key[0]), int(key[1])
         plan = self.plan(epoch)
         k, j = int(plan.entry[pos]), int(plan.item[pos])
         src, entry = self.sources[k], self.entries[k]
         rng = np.random.default_rng([self.seed, epoch, pos])
-        return self.builder.build(src, j, "train", entry.augmentations, entry.prefix_prob, rng)
+        return self.builder.build(src, j, "train", entry.augmentations, entry.prefix_prob, rng, check_audio)
 
 
 def _worker_init(_: int) -> None:
@@ -256,9 +263,7 @@ class TrainLoader:
             dataset = PackedSamples(self.dataset, c.tokens, c.num_slots, c.max_windows, c.embed_dim)
             collate = PackedCollator(c.tokens, self.packing, c.max_windows)
             if start == 0:
-                plan = self.packed_plan(epoch)
-                self.skipped += plan.left_out
-                self.rows.take_bad(plan.bad_rows)  # found by the length pass, never packed
+                self.skipped += self.packed_plan(epoch).left_out
             self._plans.prefetch(epoch + 1)
         else:
             keys = [[(epoch, int(p)) for p in b] for b in batches[start:]]

@@ -44,7 +44,7 @@ from megaflamingo.tokens import IGNORE_INDEX, SpecialTokens
 from .collate import fill_audio_slots
 from .labels import build_labels
 from .reader import DataError
-from .row_check import BAD_ROW, BadRow
+from .row_check import BAD_ROW
 
 log = logging.getLogger("megaflamingo.train")
 
@@ -125,8 +125,9 @@ def is_supervised(labels: torch.Tensor) -> bool:
 
 
 class LengthView(Dataset):
-    """``dataset[key]`` reduced to its token ids (None for a sample the dataset drops; a row that failed
-    the data check stays its :class:`~megaflamingo.data.row_check.BadRow`, to be reported)."""
+    """``dataset[key]`` reduced to its token ids (None for a sample the dataset drops). The audio is not
+    read: a dataset with ``sample(key, check_audio=False)`` skips its window check here (every rank runs
+    this pass over the whole epoch); the sample built for training is checked."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -135,9 +136,10 @@ class LengthView(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        s = self.dataset[key]
-        if s is None or BAD_ROW in s:
-            return None if s is None else s[BAD_ROW]
+        sample = getattr(self.dataset, "sample", None)
+        s = sample(key, check_audio=False) if sample is not None else self.dataset[key]
+        if s is None or BAD_ROW in s:  # a dataset without the switch may still report a bad row: leave it out
+            return None
         return torch.as_tensor(np.asarray(s["input_ids"]), dtype=torch.long)
 
 
@@ -147,11 +149,10 @@ class _Lengths:
     def __init__(self, tokens: SpecialTokens):
         self.tokens = SpecialTokens.of(tokens)
 
-    def __call__(self, items: Sequence) -> list:
-        real = [x for x in items if isinstance(x, torch.Tensor) and x.numel()]
+    def __call__(self, items: Sequence[Optional[torch.Tensor]]) -> list[Optional[int]]:
+        real = [x for x in items if x is not None and x.numel()]
         sup = iter([is_supervised(lab) for lab in sample_labels(real, self.tokens)])
-        return [x if isinstance(x, BadRow) else
-                int(x.numel()) if isinstance(x, torch.Tensor) and x.numel() and next(sup) else None for x in items]
+        return [int(x.numel()) if x is not None and x.numel() and next(sup) else None for x in items]
 
 
 def sample_lengths(dataset, keys: Sequence, tokens: SpecialTokens, num_workers: int = 0, chunk: int = 256,
@@ -298,7 +299,6 @@ class RankPlan:
     batches: list[list[list]] = field(default_factory=list)  # micro-batch -> rows -> keys
     stats: PackStats = field(default_factory=PackStats)
     left_out: int = 0  # this rank's share of the samples left out (dropped, or nothing supervised)
-    bad_rows: list = field(default_factory=list)  # this rank's share of the rows that failed the data check
 
 
 def plan_rank(lengths: Iterable[tuple[Any, Optional[int]]], cfg: PackingConfig, rank: int,
@@ -311,10 +311,7 @@ def plan_rank(lengths: Iterable[tuple[Any, Optional[int]]], cfg: PackingConfig, 
 
     def kept():
         for i, (key, n) in enumerate(lengths):
-            if isinstance(n, BadRow):
-                if i % world_size == rank:
-                    plan.bad_rows.append(n)
-            elif n is None:
+            if n is None:
                 plan.left_out += int(i % world_size == rank)
             else:
                 yield key, n
@@ -446,8 +443,10 @@ class PackedSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, pos, row = key
-        smp = prepare_sample(self.dataset[(epoch, pos)], self.num_slots, self.max_windows, self.embed_dim,
-                             key=(int(epoch), int(pos)))
+        raw = self.dataset[(epoch, pos)]
+        if raw is not None and BAD_ROW in raw:
+            return raw  # its audio failed the check: the collator drops it and reports it
+        smp = prepare_sample(raw, self.num_slots, self.max_windows, self.embed_dim, key=(int(epoch), int(pos)))
         if smp is not None:
             smp["row"] = int(row)
         return smp
@@ -461,15 +460,17 @@ class PackedCollator:
         self.tokens, self.cfg, self.windows_per_audio = SpecialTokens.of(tokens), cfg, int(windows_per_audio)
 
     def __call__(self, samples: Sequence[Optional[Mapping]]) -> dict:
-        kept = [s for s in samples if s is not None]
-        skipped = len(samples) - len(kept)
+        bad = [s[BAD_ROW] for s in samples if s is not None and BAD_ROW in s]  # reported by the loader
+        kept = [s for s in samples if s is not None and BAD_ROW not in s]
+        skipped = len(samples) - len(kept) - len(bad)
         if not kept:
-            return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "num_skipped": skipped}
+            return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "num_skipped": skipped, "bad_rows": bad}
         rows: dict[int, list] = {}
         for s in kept:
             rows.setdefault(s["row"], []).append(s)
         batch = collate_packed([rows[r] for r in sorted(rows)], self.tokens, self.cfg, self.windows_per_audio)
         batch["num_skipped"] = skipped
+        batch["bad_rows"] = bad
         return batch
 
 

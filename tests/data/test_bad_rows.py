@@ -77,3 +77,29 @@ def test_loader_skips_counts_and_names_a_nan_row(tmp_path, tiny_tok, tiny_token_
     again = build_train_loader(cfg, tiny_tok, tiny_token_ids, 0, 1, 7, batch_size=3, model_cfg=MODEL)
     again.load_state_dict(loader.state_dict())
     assert (again.rows.bad, again.rows.seen) == (1, 10)
+
+
+def test_packed_loader_skips_counts_and_names_a_nan_row_without_reading_audio_to_plan(
+        tmp_path, tiny_tok, tiny_token_ids, caplog, monkeypatch):
+    """Packing plans the epoch from token lengths alone (every rank runs that pass over the whole epoch,
+    so it must not read the embeddings); the bad row is found when its micro-batch is built, dropped,
+    counted and named, as without packing."""
+    from megaflamingo.data import loader as loader_mod
+
+    write_split(tmp_path, "Clotho-AQA-AQA/train", 10, nan_rows={6})
+    cfg = DataConfig(data_root=str(tmp_path), num_workers=0, packing=True, max_tokens_per_row=512,
+                     blend={"Clotho-AQA-AQA/train": DatasetEntry(weight=1.0)})
+    checked = []
+    real = loader_mod.bad_row
+    monkeypatch.setattr(loader_mod, "bad_row", lambda src, j, item: checked.append(j) or real(src, j, item))
+    loader = build_train_loader(cfg, tiny_tok, tiny_token_ids, 0, 1, 7, batch_size=2, model_cfg=MODEL)
+    samples = 0
+    with caplog.at_level("WARNING", logger="megaflamingo.data"):
+        for batch in loader:
+            assert bool(np.isfinite(batch["audio_embeds"].numpy()).all()) and "bad_rows" not in batch
+            samples += batch["num_samples"]
+    assert samples == 9 and sorted(checked) == list(range(10))  # each row's audio checked once: when built
+    assert (loader.rows.bad, loader.rows.seen) == (1, 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train data: skipped a bad row: Clotho-AQA-AQA/train row 6 (id row-6): shot 0: 1 window embedding(s) "
+        "contain NaN/inf"]
